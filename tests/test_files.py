@@ -1,0 +1,50 @@
+import pytest
+
+from ginseng._files import atomic_path
+
+
+def test_file_written_only_on_success(tmp_path):
+    target = tmp_path / "model.h5"
+    with atomic_path(target) as tmp:
+        assert tmp.parent == tmp_path and tmp != target
+        tmp.write_text("new")
+        assert not target.exists()
+    assert target.read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.h5"]
+
+
+def test_failure_leaves_previous_file_and_no_temporary(tmp_path):
+    target = tmp_path / "model.h5"
+    target.write_text("old")
+    with pytest.raises(RuntimeError, match="boom"), atomic_path(target, overwrite=True) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("boom")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.h5"]
+
+
+def test_existing_target_refused_without_overwrite(tmp_path):
+    target = tmp_path / "out.csv"
+    target.write_text("user data")
+    with pytest.raises(FileExistsError, match="out.csv' already exists; pass overwrite=True"):
+        with atomic_path(target, what="output"):
+            pass
+    assert target.read_text() == "user data"
+
+
+def test_missing_directory_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist: .*nowhere"):
+        with atomic_path(tmp_path / "nowhere" / "x.h5"):
+            pass
+
+
+def test_directories_replace_atomically(tmp_path):
+    target = tmp_path / "store.zarr"
+    with atomic_path(target) as tmp:
+        tmp.mkdir()
+        (tmp / "a").write_text("1")
+    with atomic_path(target, overwrite=True) as tmp:
+        tmp.mkdir()
+        (tmp / "b").write_text("2")
+    assert sorted(p.name for p in target.iterdir()) == ["b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store.zarr"]
