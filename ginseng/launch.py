@@ -1,0 +1,104 @@
+"""``python -m ginseng.launch`` (and the ``ginseng`` console script): the Hydra application.
+
+Thin on purpose: it composes the configuration (YAML in ``configs/``, schema in
+:mod:`ginseng.config`), connects the processes of a multi-process run
+(:func:`ginseng.distributed.initialize`) and calls :func:`ginseng.tasks.run` with the run
+directory. Everything it does can be called from Python.
+
+Examples
+--------
+::
+
+    python -m ginseng.launch                                   # train on the embedded pbmc3k
+    python -m ginseng.launch data.path=my.h5ad data.labels=cell_type trainer.epochs=30
+    python -m ginseng.launch task=annotate annotate.model=outputs/.../model.h5 \\
+        annotate.input=new.h5ad annotate.output=cells.parquet
+    python -m ginseng.launch --multirun model.hidden_dim=128,256
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from ginseng import tasks
+from ginseng.config import ConfigKeyError, config_dir, to_object, validate_overrides
+
+__all__ = ["main"]
+
+RUN_DIR_ENV = "GINSENG_RUN_DIR"
+
+
+@hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
+def _app(cfg: DictConfig):
+    from ginseng import distributed
+
+    conf = to_object(cfg)
+    d = conf.distributed
+    distributed.initialize(
+        mode=d.mode.value,
+        coordinator_address=d.coordinator_address,
+        num_processes=d.num_processes,
+        process_id=d.process_id,
+        local_device_ids=d.local_device_ids,
+        initialization_timeout=d.initialization_timeout,
+        heartbeat_timeout_seconds=d.heartbeat_timeout_seconds,
+    )
+    workdir = HydraConfig.get().runtime.output_dir
+    tasks.run(conf, workdir)
+
+
+def _command_line_overrides(argv: list[str]) -> list[str]:
+    # Hydra's own argument parser separates overrides from flags like --multirun or --cfg job.
+    try:
+        from hydra._internal.utils import get_args_parser
+
+        args, _ = get_args_parser().parse_known_args(argv)
+        return list(args.overrides or [])
+    except Exception:  # a Hydra without this parser: let Hydra report problems itself
+        return []
+
+
+def _share_run_dir() -> None:
+    """Make every process of one multi-process run use one run directory.
+
+    Hydra names the run directory after the time each process started, so the ranks of one run
+    would each write to their own. ``launch/local.sh`` and ``launch/slurm.sbatch`` set
+    GINSENG_RUN_DIR; under ``srun`` without it, the SLURM job id (shared by all tasks and kept
+    across requeues, so a requeued job resumes in the same place) names the directory.
+    """
+    if os.environ.get(RUN_DIR_ENV):
+        return
+    job = os.environ.get("SLURM_JOB_ID")
+    if job and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        os.environ[RUN_DIR_ENV] = os.path.join("outputs", f"slurm-{job}")
+        return
+    n = os.environ.get("GINSENG_NUM_PROCESSES")
+    if n and n.isdigit() and int(n) > 1:
+        msg = (
+            f"GINSENG_NUM_PROCESSES={n} but {RUN_DIR_ENV} is not set: every process would write "
+            f"to its own timestamped run directory. Set {RUN_DIR_ENV} to one directory for all "
+            "processes (launch/local.sh does this)."
+        )
+        raise SystemExit(f"Error: {msg}")
+
+
+def main() -> None:
+    """Entry point of ``python -m ginseng.launch`` and the ``ginseng`` console script."""
+    try:
+        validate_overrides(_command_line_overrides(sys.argv[1:]))
+    except ConfigKeyError as err:
+        print(f"Error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except Exception:  # a malformed override: Hydra's parser explains it better
+        pass
+    _share_run_dir()
+    _app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,528 @@
+"""What ``python -m ginseng.launch`` does, as plain functions of a configuration and a run directory.
+
+:func:`run` dispatches on ``cfg.task``:
+
+- ``prepare``: read the input, set a stratified test set aside, select genes on the training
+  cells, build the :class:`~ginseng.data.GinsengDataset`.
+- ``train``: prepare if needed, train, evaluate on the test cells (macro-F1 and a per-class
+  table), write ``model.h5``, ``metrics.csv`` and ``training_curve.png``.
+- ``annotate``: apply a model to new cells and write a table.
+
+Under ``jax.distributed`` every process calls the same function; only process 0 writes files and
+prints, the others wait at barriers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+from omegaconf import DictConfig
+
+from ginseng._files import atomic_path, check_writable_target
+from ginseng.config import GinsengConfig, GeneSelection, Task, to_object, to_trainer_settings
+
+__all__ = [
+    "PreparedData",
+    "TrainResult",
+    "classification_report",
+    "run",
+    "run_annotate",
+    "run_prepare",
+    "run_train",
+    "stratified_split",
+]
+
+
+@dataclass
+class PreparedData:
+    """What ``task=prepare`` produced.
+
+    Attributes
+    ----------
+    dataset : GinsengDataset
+        The dataset of the training cells (its own holdout is made by the trainer).
+    adata : AnnData
+        The whole input (backed or in memory).
+    train_indices, test_indices : np.ndarray
+        Rows of ``adata`` used for training and set aside for the final evaluation.
+    """
+
+    dataset: Any
+    adata: Any
+    train_indices: np.ndarray
+    test_indices: np.ndarray
+
+
+@dataclass
+class TrainResult:
+    """What ``task=train`` produced: the trainer's outputs, the test metrics and the files."""
+
+    logger: Any
+    state: Any
+    macro_f1: float | None
+    report: pd.DataFrame | None
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def run(cfg: DictConfig | GinsengConfig, workdir: str | os.PathLike):
+    """Run the task of ``cfg`` with ``workdir`` as the run directory.
+
+    Parameters
+    ----------
+    cfg : DictConfig | GinsengConfig
+        A composed configuration (``ginseng.config.compose``) or the dataclass itself.
+    workdir : path
+        Directory for every output of the run (created if missing).
+
+    Returns
+    -------
+    PreparedData | TrainResult | Path
+        For ``prepare``, ``train`` and ``annotate`` (the output table's path).
+    """
+    conf = to_object(cfg)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if conf.task == Task.prepare:
+        return run_prepare(conf, workdir)
+    if conf.task == Task.train:
+        return run_train(conf, workdir)
+    if conf.task == Task.annotate:
+        return run_annotate(conf, workdir)
+    msg = f"task must be one of {[t.value for t in Task]}, got {conf.task!r}"
+    raise ValueError(msg)
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def _is_main() -> bool:
+    from ginseng import distributed
+
+    return distributed.is_main_process()
+
+
+def _barrier(name: str) -> None:
+    from ginseng import distributed
+
+    if distributed.process_count() > 1:
+        distributed.barrier(name)
+
+
+def _say(conf: GinsengConfig, text: str) -> None:
+    if not conf.silent and _is_main():
+        print(text, flush=True)
+
+
+def _resolve(path: str | os.PathLike, workdir: Path) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else workdir / p
+
+
+def _input_path(conf: GinsengConfig) -> Path:
+    if conf.data.path is None:
+        from ginseng.datasets import pbmc3k_path
+
+        return pbmc3k_path()
+    return Path(conf.data.path).expanduser()
+
+
+def _read_input(conf: GinsengConfig):
+    from ginseng.io import read_adata
+
+    path = _input_path(conf)
+    if not path.exists():
+        msg = f"data.path {str(path)!r} does not exist (expected an .h5ad, 10x .h5 or mtx folder)"
+        raise FileNotFoundError(msg)
+    adata = read_adata(path, backed=conf.data.backed)
+    for what, key in (("data.labels", conf.data.labels), ("data.groups", conf.data.groups)):
+        if key is not None and key not in adata.obs.columns:
+            msg = (
+                f"{what}={key!r} is not a column of obs in {str(path)!r}; "
+                f"obs has: {', '.join(map(str, adata.obs.columns)) or '(no columns)'}"
+            )
+            raise KeyError(msg)
+    return path, adata
+
+
+def stratified_split(labels, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Split cells into training and test cells with the same label proportions.
+
+    Per label, ``round(count * fraction)`` cells go to the test set, but at least one cell of
+    every label stays for training.
+
+    Parameters
+    ----------
+    labels : array-like
+        One label per cell.
+    fraction : float
+        Fraction of the cells of each label for the test set, in [0, 1).
+    seed : int
+        Seed of the draw.
+
+    Returns
+    -------
+    train_indices, test_indices : np.ndarray
+        Sorted int64 row indices.
+    """
+    if not 0 <= fraction < 1:
+        msg = f"test fraction must be in [0, 1), got {fraction}"
+        raise ValueError(msg)
+    labels = np.asarray(pd.Series(labels).astype(str))
+    rng = np.random.default_rng(seed)
+    test = []
+    for value in np.unique(labels):
+        idx = np.flatnonzero(labels == value)
+        n_test = min(int(round(len(idx) * fraction)), len(idx) - 1)
+        if n_test > 0:
+            test.append(rng.permutation(idx)[:n_test])
+    test_idx = np.sort(np.concatenate(test)).astype(np.int64) if test else np.zeros(0, np.int64)
+    mask = np.ones(len(labels), bool)
+    mask[test_idx] = False
+    return np.flatnonzero(mask).astype(np.int64), test_idx
+
+
+def _subset(adata, rows: np.ndarray, layer: str | None = None):
+    """Rows of ``adata`` as an in-memory AnnData (counts from ``layer`` into X when given)."""
+    import anndata
+
+    view = adata[rows]
+    X = view.layers[layer] if layer is not None else view.X
+    if hasattr(X, "to_memory"):  # backed sparse dataset
+        X = X.to_memory()
+    return anndata.AnnData(X=X, obs=view.obs.copy(), var=view.var.copy())
+
+
+def _prepare_record(conf: GinsengConfig, path: Path) -> dict:
+    return {
+        "input": str(path),
+        "data": {k: v for k, v in asdict(conf.data).items() if k not in ("path", "backed")},
+        "genes": {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(conf.genes).items()},
+    }
+
+
+def _write_text(path: Path, text: str, overwrite: bool) -> None:
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        tmp.write_text(text)
+
+
+def _write_csv(df: pd.DataFrame, path: Path, overwrite: bool, index: bool = False) -> None:
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        df.to_csv(tmp, index=index)
+
+
+# --------------------------------------------------------------------------------------------
+# prepare
+
+
+def run_prepare(conf: GinsengConfig, workdir: str | os.PathLike, reuse: bool = False) -> PreparedData:
+    """Build the training dataset: test split, gene selection on training cells, the store.
+
+    Writes, into ``workdir``: the dataset store (``data.store``), ``test_cells.csv`` (the cells
+    set aside, never trained on) and ``prepare.yaml`` (the settings that built the store).
+
+    Parameters
+    ----------
+    conf : GinsengConfig
+        The configuration (``data`` and ``genes`` sections).
+    workdir : path
+        The run directory.
+    reuse : bool
+        If the store exists and was built from the same settings, open it instead of failing
+        (``task=train`` after ``task=prepare`` in the same run directory, or a resumed run).
+    """
+    from ginseng.data import GinsengDataset
+
+    conf = to_object(conf)
+    workdir = Path(workdir)
+    store = _resolve(conf.data.store, workdir)
+    record_path = workdir / "prepare.yaml"
+    path, adata = _read_input(conf)
+    labels = adata.obs[conf.data.labels].to_numpy()
+    train_idx, test_idx = stratified_split(labels, conf.data.test_fraction, conf.data.seed)
+    record = _prepare_record(conf, path)
+
+    if reuse and store.exists() and not conf.overwrite:
+        dataset = GinsengDataset(store)  # refuses (naming the path) anything that is not a dataset
+        if record_path.exists():
+            old = yaml.safe_load(record_path.read_text())
+            if old != record:
+                diff = [
+                    f"{sec}.{k}: store {old.get(sec, {}).get(k)!r} != config {v!r}"
+                    for sec in ("data", "genes")
+                    for k, v in record[sec].items()
+                    if old.get(sec, {}).get(k) != v
+                ]
+                if old.get("input") != record["input"]:
+                    diff.insert(0, f"input: store {old.get('input')!r} != config {record['input']!r}")
+                msg = (
+                    f"the dataset {str(store)!r} was built with other settings ({'; '.join(diff)}); "
+                    "pass overwrite=true to rebuild it or set data.store to a new path"
+                )
+                raise ValueError(msg)
+        if dataset.n_cells != len(train_idx):
+            msg = (
+                f"the dataset {str(store)!r} has {dataset.n_cells} cells but the training split of "
+                f"{str(path)!r} has {len(train_idx)}; pass overwrite=true to rebuild it"
+            )
+            raise ValueError(msg)
+        _say(conf, f"Using the dataset {store} ({dataset.n_cells} cells x {dataset.n_genes} genes)")
+        return PreparedData(dataset, adata, train_idx, test_idx)
+
+    if _is_main():
+        check_writable_target(store, overwrite=conf.overwrite, what="dataset store")
+        for name in ("test_cells.csv", "prepare.yaml"):
+            check_writable_target(workdir / name, overwrite=conf.overwrite or reuse, what=name)
+        _say(
+            conf,
+            f"Input {path}: {adata.n_obs} cells x {adata.n_vars} genes; "
+            f"{len(train_idx)} for training, {len(test_idx)} set aside for testing",
+        )
+        train = _subset(adata, train_idx, conf.data.layer)
+        gene_mask = None
+        if conf.genes.select == GeneSelection.hvg:
+            from ginseng.utils import compute_hvgs
+
+            n_top = min(conf.genes.n_top_genes, train.n_vars)
+            compute_hvgs(
+                train,
+                n_top_genes=n_top,
+                min_mean=conf.genes.min_mean,
+                max_mean=conf.genes.max_mean,
+                n_bins=conf.genes.n_bins,
+            )
+            gene_mask = train.var["ginseng_genes"].to_numpy(bool)
+            _say(conf, f"Selected {int(gene_mask.sum())} highly variable genes of the training cells")
+        dataset = GinsengDataset.create(
+            store,
+            train,
+            labels=conf.data.labels,
+            chunk_size=conf.data.chunk_size,
+            groups=conf.data.groups,
+            gene_key=conf.data.gene_key,
+            gene_mask=gene_mask,
+            shuffle=True,
+            seed=conf.data.seed,
+            overwrite=conf.overwrite,
+            silent=conf.silent,
+        )
+        test_table = pd.DataFrame(
+            {
+                "index": test_idx,
+                "barcode": np.asarray(adata.obs_names[test_idx], dtype=str),
+                "label": np.asarray(labels[test_idx]).astype(str),
+            }
+        )
+        _write_csv(test_table, workdir / "test_cells.csv", overwrite=conf.overwrite or reuse)
+        _write_text(record_path, yaml.safe_dump(record), overwrite=conf.overwrite or reuse)
+        _say(conf, f"Wrote the dataset {store} ({dataset.n_cells} cells x {dataset.n_genes} genes)")
+    _barrier("ginseng-prepare")
+    if not _is_main():
+        dataset = GinsengDataset(store)
+    return PreparedData(dataset, adata, train_idx, test_idx)
+
+
+# --------------------------------------------------------------------------------------------
+# train
+
+
+def classification_report(truth, predicted) -> tuple[pd.DataFrame, float]:
+    """Per-class precision, recall, F1 and support, and the macro-F1.
+
+    Classes are the union of the true and predicted labels (as scikit-learn's ``f1_score``
+    with ``average="macro"``); a class never predicted has precision 0.
+
+    Returns
+    -------
+    report : pd.DataFrame
+        Columns ``label, precision, recall, f1, support``.
+    macro_f1 : float
+    """
+    truth = np.asarray(pd.Series(truth).astype(str))
+    predicted = np.asarray(pd.Series(predicted).astype(str))
+    if truth.shape != predicted.shape:
+        msg = f"truth has {truth.shape[0]} labels but predicted has {predicted.shape[0]}"
+        raise ValueError(msg)
+    rows = []
+    for label in np.union1d(truth, predicted):
+        tp = int(np.sum((truth == label) & (predicted == label)))
+        n_pred = int(np.sum(predicted == label))
+        n_true = int(np.sum(truth == label))
+        precision = tp / n_pred if n_pred else 0.0
+        recall = tp / n_true if n_true else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        rows.append((label, precision, recall, f1, n_true))
+    report = pd.DataFrame(rows, columns=["label", "precision", "recall", "f1", "support"])
+    return report, float(report["f1"].mean()) if len(report) else float("nan")
+
+
+def _call_supported(fn, *args, **kwargs):
+    """Call ``fn`` with the keyword arguments its signature has (newer ones may be absent)."""
+    params = inspect.signature(fn).parameters
+    if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        kwargs = {k: v for k, v in kwargs.items() if k in params}
+    return fn(*args, **kwargs)
+
+
+def _evaluate_test(conf: GinsengConfig, prepared: PreparedData, state) -> tuple[pd.DataFrame, pd.DataFrame, float]:
+    """Annotate the test cells with the trained model; return predictions, report, macro-F1."""
+    import jax
+
+    from ginseng.annotate import annotate
+
+    test = _subset(prepared.adata, prepared.test_indices, conf.data.layer)
+    truth = test.obs[conf.data.labels].astype(str).to_numpy()
+    # Only process 0 evaluates: keep the forward pass on its own devices so that no collective
+    # waits for processes that are not taking part.
+    _call_supported(
+        annotate,
+        state,
+        test,
+        gene_key=conf.data.gene_key,
+        batch_size=conf.annotate.batch_size,
+        devices=jax.local_devices(),
+        silent=True,
+    )
+    predicted = test.obs["ginseng_cell_type"].astype(str).to_numpy()
+    predictions = pd.DataFrame(
+        {
+            "barcode": np.asarray(test.obs_names, dtype=str),
+            "truth": truth,
+            "predicted": predicted,
+            "confidence": np.asarray(test.obs["ginseng_confidence"], dtype=float),
+        }
+    )
+    report, macro_f1 = classification_report(truth, predicted)
+    return predictions, report, macro_f1
+
+
+def _save_logger(logger, method: str, path: Path, overwrite: bool) -> None:
+    """Write a logger output through a temporary name that keeps the file's extension."""
+    check_writable_target(path, overwrite=overwrite, what=path.name)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        getattr(logger, method)(tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def run_train(conf: GinsengConfig, workdir: str | os.PathLike) -> TrainResult:
+    """Prepare (or reuse) the dataset, train, evaluate on the test cells, write the outputs.
+
+    Writes into ``workdir`` (process 0 only): ``model.h5``, ``metrics.csv`` (per-epoch train
+    loss, holdout loss and accuracy), ``training_curve.png``, and when there are test cells
+    ``test_report.csv`` (per-class precision, recall, F1) and ``test_predictions.csv``.
+    Checkpoints go to ``<workdir>/checkpoints`` unless configured otherwise.
+    """
+    from ginseng.io import save_ginseng_state
+    from ginseng.train import GinsengTrainer
+
+    conf = to_object(conf)
+    workdir = Path(workdir)
+    files = {
+        "model": workdir / "model.h5",
+        "metrics": workdir / "metrics.csv",
+        "curve": workdir / "training_curve.png",
+        "report": workdir / "test_report.csv",
+        "predictions": workdir / "test_predictions.csv",
+    }
+    if _is_main():  # refuse before hours of training, not after
+        for name, path in files.items():
+            check_writable_target(path, overwrite=conf.overwrite, what=f"{name} file")
+
+    prepared = run_prepare(conf, workdir, reuse=True)
+    settings = to_trainer_settings(conf, workdir)
+    logger, state = _call_supported(
+        GinsengTrainer,
+        prepared.dataset,
+        settings,
+        epochs=conf.trainer.epochs,
+        silent=conf.silent,
+        resume=conf.trainer.resume and conf.trainer.checkpoint,
+    )
+
+    macro_f1, report = None, None
+    if _is_main():
+        save_ginseng_state(state, files["model"], overwrite=conf.overwrite)
+        _save_logger(logger, "save_csv", files["metrics"], conf.overwrite)
+        _save_logger(logger, "plot", files["curve"], conf.overwrite)
+        if len(prepared.test_indices):
+            predictions, report, macro_f1 = _evaluate_test(conf, prepared, state)
+            _write_csv(report, files["report"], conf.overwrite)
+            _write_csv(predictions, files["predictions"], conf.overwrite)
+            buf = io.StringIO()
+            buf.write(f"Test cells ({len(prepared.test_indices)}, never trained on):\n")
+            buf.write(report.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+            buf.write(f"\nmacro-F1: {macro_f1:.4f}")
+            _say(conf, buf.getvalue())
+        _say(conf, f"Wrote {files['model']}, {files['metrics'].name}, {files['curve'].name}")
+    _barrier("ginseng-train-outputs")
+    return TrainResult(logger, state, macro_f1, report, files)
+
+
+# --------------------------------------------------------------------------------------------
+# annotate
+
+
+def run_annotate(conf: GinsengConfig, workdir: str | os.PathLike) -> Path:
+    """Annotate ``annotate.input`` with ``annotate.model`` into a table file.
+
+    The table (barcode, cell type, confidence) goes to ``annotate.output`` (parquet or CSV by
+    extension), default ``annotations.csv`` in ``workdir``. With ``annotate.truth_key``, a
+    per-class report and a confusion matrix go to ``workdir``.
+
+    Returns
+    -------
+    Path
+        The output table.
+    """
+    from ginseng.annotate import annotate
+
+    conf = to_object(conf)
+    a = conf.annotate
+    workdir = Path(workdir)
+    missing = [k for k in ("model", "input") if getattr(a, k) is None]
+    if missing:
+        msg = (
+            "task=annotate needs annotate.model=<model.h5> and annotate.input=<.h5ad | 10x .h5 | "
+            f"mtx folder>; missing: {', '.join('annotate.' + k for k in missing)}"
+        )
+        raise ValueError(msg)
+    for what, p in (("annotate.model", a.model), ("annotate.input", a.input)):
+        if not Path(p).expanduser().exists():
+            msg = f"{what} {p!r} does not exist"
+            raise FileNotFoundError(msg)
+    output = Path(a.output).expanduser() if a.output is not None else workdir / "annotations.csv"
+    if _is_main():
+        check_writable_target(output, overwrite=a.overwrite, what="annotate.output")
+    _call_supported(
+        annotate,
+        str(Path(a.model).expanduser()),
+        str(Path(a.input).expanduser()),
+        gene_key=a.gene_key,
+        backed=a.backed,
+        randomness=a.randomness,
+        batch_size=a.batch_size,
+        return_probs=a.return_probs,
+        return_attn=a.return_attn,
+        seed=a.seed,
+        output=str(output),
+        overwrite=a.overwrite,
+        n_samples=a.n_samples,
+        truth_key=a.truth_key,
+        report_dir=str(workdir) if a.truth_key is not None else None,
+        silent=conf.silent,
+    )
+    _say(conf, f"Wrote {output}")
+    return output
