@@ -23,6 +23,7 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import OverrideParseException
 from omegaconf import DictConfig
 
 from ginseng import tasks
@@ -59,7 +60,7 @@ def _command_line_overrides(argv: list[str]) -> list[str]:
 
         args, _ = get_args_parser().parse_known_args(argv)
         return list(args.overrides or [])
-    except Exception:  # a Hydra without this parser: let Hydra report problems itself
+    except (ImportError, SystemExit):  # let Hydra report a bad command line itself
         return []
 
 
@@ -94,7 +95,7 @@ def main() -> None:
     except ConfigKeyError as err:
         print(f"Error: {err}", file=sys.stderr)
         sys.exit(2)
-    except Exception:  # a malformed override: Hydra's parser explains it better
+    except OverrideParseException:  # a malformed override: Hydra explains it below
         pass
     _share_run_dir()
     _app()
