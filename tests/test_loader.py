@@ -1,0 +1,190 @@
+"""BatchLoader: epoch coverage, balance, determinism, per-process slices, padding, randomness."""
+
+import threading
+
+import numpy as np
+import pytest
+from conftest import make_counts
+
+import ginseng.data as gdata
+from ginseng.data import GinsengDataset
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory):
+    adata = make_counts(n_cells=600, n_genes=16, n_labels=4, seed=2)
+    path = tmp_path_factory.mktemp("loader") / "ds.zarr"
+    ds = GinsengDataset.create(path, adata, "cell_type", chunk_size=32, groups="donor", silent=True)
+    ds.make_holdout(0.2, rng=0)
+    ds._X_dense = adata.X  # the input, for checking what the loader delivers
+    return ds
+
+
+def _collect(loader, epoch=0, start_batch=0):
+    return list(loader.epoch(epoch, start_batch=start_batch))
+
+
+def test_train_epoch_covers_each_cell_once(ds):
+    ld = ds.loader(50, split="train", seed=1)
+    assert ld.num_batches == int(np.ceil(len(ds.train_indices) / 50)) and ld.global_batch == 50
+    batches = _collect(ld)
+    assert len(batches) == ld.num_batches
+    seen = np.concatenate([b.index[b.mask] for b in batches])
+    np.testing.assert_array_equal(np.sort(seen), ds.train_indices)  # exactly once each
+    assert np.intersect1d(seen, ds.holdout_indices).size == 0
+    for b in batches:
+        assert b.x.dtype == np.float32 and b.y.dtype == np.int32
+        assert b.slot.dtype == np.int32 and b.index.dtype == np.int64 and b.mask.dtype == bool
+        real = b.index[b.mask]
+        np.testing.assert_array_equal(b.x[b.mask], ds._X_dense[real])
+        np.testing.assert_array_equal(b.y[b.mask], ds.labels[real])
+
+
+def test_holdout_and_all_splits(ds):
+    seen = np.concatenate(
+        [b.index[b.mask] for b in ds.loader(64, split="holdout", shuffle=False).epoch(0)]
+    )
+    np.testing.assert_array_equal(np.sort(seen), ds.holdout_indices)
+    seen = np.concatenate([b.index[b.mask] for b in ds.loader(64, split="all").epoch(3)])
+    np.testing.assert_array_equal(np.sort(seen), np.arange(ds.n_cells))
+
+
+def test_balance_oversamples(ds):
+    ld = ds.loader(40, split="train", balance=True, seed=2)
+    train_counts = np.bincount(ds.labels[ds.train_indices], minlength=ds.n_labels)
+    assert ld.epoch_size == train_counts.max() * ds.n_labels
+    for epoch in (0, 1):
+        seen = np.concatenate([b.index[b.mask] for b in ld.epoch(epoch)])
+        counts = np.bincount(ds.labels[seen], minlength=ds.n_labels)
+        assert np.all(counts == train_counts.max())  # equal per label, by oversampling
+        assert set(seen) == set(ds.train_indices)  # every training cell still in play
+        assert np.intersect1d(seen, ds.holdout_indices).size == 0
+
+
+def test_padding_and_global_batch(ds):
+    ld = ds.loader(50, split="train", pad_multiple=8, process_count=1)
+    assert ld.global_batch == 56
+    batches = _collect(ld)
+    n_train = len(ds.train_indices)
+    for i, b in enumerate(batches):
+        n_real = min(50, n_train - i * 50)
+        assert b.mask.sum() == n_real and b.mask[:n_real].all()
+        np.testing.assert_array_equal(b.slot, np.arange(56))
+        assert np.all(b.index[~b.mask] == -1)
+        assert np.all(b.x[~b.mask] == 0) and np.all(b.y[~b.mask] == 0)
+    # Padding does not change which cells are where.
+    plain = _collect(ds.loader(50, split="train"))
+    for a, b in zip(plain, batches, strict=True):
+        np.testing.assert_array_equal(a.index[a.mask], b.index[b.mask])
+
+
+@pytest.mark.parametrize("balance", [False, True])
+def test_process_slices_concatenate_to_global(ds, balance):
+    kw = {"split": "train", "seed": 7, "balance": balance, "pad_multiple": 3}
+    whole = ds.loader(45, process_count=1, **kw)
+    parts = [ds.loader(45, process_index=p, process_count=3, **kw) for p in range(3)]
+    assert whole.global_batch == parts[0].global_batch == 45
+    assert parts[0].num_batches == whole.num_batches
+    for g, *ps in zip(_collect(whole, 1), *(_collect(p, 1) for p in parts), strict=True):
+        for field in ("x", "y", "slot", "mask", "index"):
+            np.testing.assert_array_equal(
+                getattr(g, field), np.concatenate([getattr(p, field) for p in ps])
+            )
+        assert all(len(p.index) == 15 for p in ps)
+
+
+def test_determinism_and_epochs(ds):
+    def order(seed, epoch, **kw):
+        return np.concatenate([b.index for b in ds.loader(64, seed=seed, **kw).epoch(epoch)])
+
+    np.testing.assert_array_equal(order(1, 0), order(1, 0))
+    np.testing.assert_array_equal(order(1, 0, prefetch=1), order(1, 0, prefetch=5))
+    assert not np.array_equal(order(1, 0), order(1, 1))
+    assert not np.array_equal(order(1, 0), order(2, 0))
+    # Resuming mid-epoch gives the same remaining batches.
+    ld = ds.loader(64, seed=1)
+    full = _collect(ld, 2)
+    rest = _collect(ld, 2, start_batch=3)
+    assert len(rest) == len(full) - 3
+    for a, b in zip(full[3:], rest, strict=True):
+        np.testing.assert_array_equal(a.index, b.index)
+        np.testing.assert_array_equal(a.x, b.x)
+    assert _collect(ld, 2, start_batch=ld.num_batches) == []
+    # Unshuffled: storage order, identical for every epoch.
+    np.testing.assert_array_equal(order(1, 0, shuffle=False), order(5, 4, shuffle=False))
+
+
+def test_randomness_close_to_iid(tmp_path, monkeypatch):
+    # Labels sorted in the input (the worst case for block reads); small windows so that one
+    # epoch spans many windows. Batch label mixes must look like iid sampling.
+    n, batch = 4000, 64
+    adata = make_counts(n_cells=n, n_genes=8, n_labels=5, seed=4)
+    adata = adata[np.argsort(adata.obs["cell_type"].to_numpy(), kind="stable")].copy()
+    monkeypatch.setattr(gdata, "_WINDOW_ROWS", 256)
+    ds = GinsengDataset.create(tmp_path / "s", adata, "cell_type", chunk_size=32, silent=True)
+    glob = np.bincount(ds.labels, minlength=5) / n
+
+    def mean_tv(label_batches):
+        return np.mean(
+            [0.5 * np.abs(np.bincount(y, minlength=5) / len(y) - glob).sum() for y in label_batches]
+        )
+
+    got = mean_tv([b.y[b.mask] for b in ds.loader(batch, split="all", seed=3).epoch(0)])
+    rng = np.random.default_rng(0)
+    iid = np.mean(
+        [
+            mean_tv(np.array_split(ds.labels[rng.permutation(n)], np.arange(batch, n, batch)))
+            for _ in range(20)
+        ]
+    )
+    assert got < 1.5 * iid, (got, iid)
+    # ... whereas reading the sorted rows in order is far from iid (the check has teeth).
+    sorted_ds = GinsengDataset.create(
+        tmp_path / "u", adata, "cell_type", chunk_size=32, shuffle=False, silent=True
+    )
+    seq = mean_tv(
+        [b.y[b.mask] for b in sorted_ds.loader(batch, split="all", shuffle=False).epoch(0)]
+    )
+    assert seq > 3 * iid
+
+
+def test_iter_batches(ds):
+    got = list(ds.iter_batches(64, shuffle=True, rng=np.random.default_rng(0), split="train"))
+    xs = np.concatenate([x for x, _ in got])
+    ys = np.concatenate([y for _, y in got])
+    assert xs.shape == (len(ds.train_indices), ds.n_genes) and xs.dtype == np.float32
+    assert all(len(y) == 64 for _, y in got[:-1])
+    np.testing.assert_array_equal(np.sort(ys), np.sort(ds.labels[ds.train_indices]))
+    # shuffle=False over "all": every row once, matching the data.
+    xs = np.concatenate([x for x, _ in ds.iter_batches(100)])
+    assert xs.shape == (ds.n_cells, ds.n_genes)
+    np.testing.assert_array_equal(np.sort(xs.sum(1)), np.sort(ds._X_dense.sum(1)))
+    bal = np.concatenate(
+        [y for _, y in ds.iter_batches(64, shuffle=True, rng=1, split="train", balance_train=True)]
+    )
+    counts = np.bincount(bal, minlength=ds.n_labels)
+    assert np.all(counts == counts.max())
+
+
+def test_loader_errors(ds):
+    with pytest.raises(
+        ValueError, match=r"split must be one of \('train', 'holdout', 'all'\), found 'test'"
+    ):
+        ds.loader(8, split="test")
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, found 0"):
+        ds.loader(0)
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        list(ds.iter_batches(-3))
+    with pytest.raises(ValueError, match=r"process_index must be in \[0, 2\), found 2"):
+        ds.loader(8, process_index=2, process_count=2)
+    with pytest.raises(ValueError, match="start_batch must be in"):
+        list(ds.loader(8).epoch(0, start_batch=10**6))
+
+
+def test_early_exit_stops_reader_thread(ds):
+    before = threading.active_count()
+    for _ in range(3):
+        it = ds.loader(16, prefetch=1).epoch(0)
+        next(it)
+        it.close()
+    assert threading.active_count() == before
