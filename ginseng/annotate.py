@@ -1,0 +1,961 @@
+"""Annotate cells with a trained ginseng model: streamed, sharded, written as it goes.
+
+The input (in-memory or backed AnnData, a path to .h5ad / 10x .h5 / 10x mtx folder, or a
+:class:`ginseng.data.GinsengDataset`) is read in contiguous row blocks. Its genes are mapped onto
+the model's genes once, as an index array (missing genes become zero columns). Every batch has one
+fixed shape (the last one is padded and its padding dropped on the host), so the forward pass is
+compiled once; it runs jitted over a ``"data"`` mesh of all devices with replicated parameters.
+Under ``jax.distributed`` every process reads its own contiguous rows of each global batch and the
+results are gathered once per batch. A background thread reads the next block while the devices
+compute the current one.
+
+With ``output=`` results go to a table file (parquet or CSV) and, when asked, probabilities and
+gene weights go to a zarr store beside it, block by block: memory does not grow with the number of
+cells beyond the input's own ``obs``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import queue
+import re
+import threading
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import anndata
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from jaxtyping import Array, Float
+from tqdm.auto import tqdm
+
+from ginseng._files import atomic_path, check_writable_target
+from ginseng.nn import nn_annotate
+from ginseng.state import GinsengModelState
+
+__all__ = ["annotate_iter_full", "annotate_iter_partial", "annotate"]
+
+_ENSEMBL_RE = re.compile(r"^ENS[A-Z]*G\d+(\.\d+)?$")
+_TABLE_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
+# Rows buffered before a parquet row group / CSV chunk is written: large enough that a
+# million-cell table has few row groups, small enough to be negligible in memory.
+_TABLE_FLUSH_ROWS = 65536
+
+
+# --------------------------------------------------------------------------------------------
+# Genes: map the input's genes onto the model's genes once
+# --------------------------------------------------------------------------------------------
+
+
+def _gene_id_kind(names) -> str:
+    """``"ensembl"``, ``"symbol"`` or ``"mixed"`` (ginseng.io's detector when available)."""
+    try:
+        from ginseng.io import detect_gene_id_kind
+    except ImportError:  # io not importable: same rule, locally
+        names = [str(n) for n in names]
+        frac = sum(1 for n in names if _ENSEMBL_RE.match(n)) / max(len(names), 1)
+        return "ensembl" if frac >= 0.9 else "symbol" if frac <= 0.1 else "mixed"
+    return detect_gene_id_kind(names)
+
+
+_KIND_WORDS = {"ensembl": "Ensembl ids", "symbol": "gene symbols", "mixed": "a mix of Ensembl ids and symbols"}
+
+
+def _input_gene_names(var: pd.DataFrame, var_names, gene_key: str | None) -> np.ndarray:
+    if gene_key is None:
+        return np.asarray(var_names).astype(str)
+    if gene_key not in var.columns:
+        msg = (
+            f"gene_key {gene_key!r} is not a column of adata.var; "
+            f"available columns: {list(map(str, var.columns))}"
+        )
+        raise ValueError(msg)
+    return np.asarray(var[gene_key]).astype(str)
+
+
+class _GeneMap(NamedTuple):
+    """``src[k]`` is the input column holding model gene ``dst[k]``; other model genes are zero."""
+
+    src: np.ndarray  # int64, input column positions
+    dst: np.ndarray  # int64, model gene positions
+    n_model: int
+    identity: bool  # input columns are exactly the model genes, in order
+
+
+def _map_genes(input_genes: np.ndarray, model_genes: np.ndarray, *, allow_missing: bool = True,
+               gene_key: str | None = None, var_columns=()) -> _GeneMap:
+    """Index the model's genes in the input; warn on partial overlap, raise on none."""
+    input_genes = np.asarray(input_genes).astype(str)
+    model_genes = np.asarray(model_genes).astype(str)
+    n_model = len(model_genes)
+    first: dict[str, int] = {}
+    for j, g in enumerate(input_genes):  # duplicated input names: the first occurrence is used
+        first.setdefault(g, j)
+    pos = np.fromiter((first.get(g, -1) for g in model_genes), dtype=np.int64, count=n_model)
+    found = pos >= 0
+    n_found = int(found.sum())
+    where = f"adata.var[{gene_key!r}]" if gene_key is not None else "adata.var_names"
+    if len(input_genes) and n_model:
+        kind_in, kind_model = _gene_id_kind(input_genes), _gene_id_kind(model_genes)
+        if {kind_in, kind_model} == {"ensembl", "symbol"}:
+            msg = (
+                f"the model's genes are {_KIND_WORDS[kind_model]} (e.g. {model_genes[0]!r}) but the "
+                f"input's genes ({where}) are {_KIND_WORDS[kind_in]} (e.g. {input_genes[0]!r}); "
+                f"{n_found} of {n_model} model genes match. Pass gene_key= naming a var column with "
+                f"{_KIND_WORDS[kind_model]}; var columns: {list(map(str, var_columns))}"
+            )
+            raise ValueError(msg)
+    if n_found == 0:
+        msg = (
+            f"none of the model's {n_model} genes (e.g. {list(model_genes[:3])}) are in the input's "
+            f"{len(input_genes)} genes ({where}, e.g. {list(input_genes[:3])}); "
+            f"var columns: {list(map(str, var_columns))}"
+        )
+        raise ValueError(msg)
+    if n_found < n_model:
+        missing = model_genes[~found]
+        if not allow_missing:
+            msg = (
+                f"{len(missing)} of the model's {n_model} genes are missing from the input "
+                f"(e.g. {list(missing[:5])}); use annotate_iter_partial to fill them with zeros"
+            )
+            raise ValueError(msg)
+        msg = (
+            f"only {n_found} of the model's {n_model} genes ({100.0 * n_found / n_model:.1f}%) were "
+            f"found in the input ({where}); the {n_model - n_found} missing genes "
+            f"(e.g. {list(missing[:5])}) are filled with zeros, which may lower accuracy"
+        )
+        warnings.warn(msg, UserWarning, stacklevel=3)
+    dst = np.flatnonzero(found).astype(np.int64)
+    src = pos[found]
+    identity = n_found == n_model and len(input_genes) == n_model and bool(np.all(src == dst))
+    return _GeneMap(src=src, dst=dst, n_model=n_model, identity=identity)
+
+
+# --------------------------------------------------------------------------------------------
+# The block reader: contiguous rows of any input, aligned to the model's genes
+# --------------------------------------------------------------------------------------------
+
+
+class _BlockReader:
+    """Read rows ``[a, b)`` of an input as a dense float32 block ``(b - a, n_model_genes)``.
+
+    Only the block is densified: CSR (in memory or backed) is sliced by rows and scattered into
+    the model's gene order; dense (in memory or backed) is sliced and its columns selected.
+    """
+
+    def __init__(self, source: Any, gmap: _GeneMap):
+        self.gmap = gmap
+        self.dataset = None
+        if _is_ginseng_dataset(source):
+            self.dataset = source
+            self.n_obs = int(source.n_cells)
+            return
+        X = source.X
+        if X is None:
+            msg = "adata.X is None; annotate needs counts in adata.X"
+            raise ValueError(msg)
+        if sp.issparse(X) and not sp.isspmatrix_csr(X) and not isinstance(X, sp.csr_array):
+            # Row blocks of a CSC (or COO) matrix are slow to cut: convert once (in memory anyway).
+            X = sp.csr_matrix(X)
+        self.X = X
+        self.n_obs = int(source.n_obs)
+        # Column lookup for the sparse scatter: input column -> model position (-1: unused).
+        self.colmap = np.full(int(source.n_vars), -1, dtype=np.int64)
+        self.colmap[gmap.src] = gmap.dst
+
+    def read(self, a: int, b: int, out: np.ndarray | None = None) -> np.ndarray:
+        n = b - a
+        g = self.gmap
+        if out is None:
+            out = np.zeros((n, g.n_model), dtype=np.float32)
+        else:
+            out[:n] = 0.0
+        if n == 0:
+            return out[:0]
+        if self.dataset is not None:
+            block = np.asarray(self.dataset.get_batch(np.arange(a, b, dtype=np.int64)), dtype=np.float32)
+            self._place_dense(block, out, n)
+            return out[:n]
+        blk = self.X[a:b]
+        if sp.issparse(blk):
+            blk = sp.csr_matrix(blk)
+            if not blk.has_canonical_format:
+                blk.sum_duplicates()
+            counts = np.diff(blk.indptr)
+            rows = np.repeat(np.arange(n, dtype=np.int64), counts)
+            cols = self.colmap[blk.indices]
+            keep = cols >= 0
+            out[rows[keep], cols[keep]] = blk.data[keep]
+        else:
+            self._place_dense(np.asarray(blk), out, n)
+        return out[:n]
+
+    def _place_dense(self, block: np.ndarray, out: np.ndarray, n: int) -> None:
+        g = self.gmap
+        if g.identity:
+            out[:n] = block
+        else:
+            out[:n, g.dst] = block[:, g.src]
+
+
+def _is_ginseng_dataset(obj) -> bool:
+    try:
+        from ginseng.data import GinsengDataset
+    except ImportError:
+        return False
+    return isinstance(obj, GinsengDataset)
+
+
+def _iter_aligned(adata, gene_names, gene_key, batch_size, allow_missing) -> Iterator[Array]:
+    if int(batch_size) < 1:
+        msg = f"batch_size must be >= 1, got {batch_size}"
+        raise ValueError(msg)
+    genes = _input_gene_names(adata.var, adata.var_names, gene_key)
+    gmap = _map_genes(genes, gene_names, allow_missing=allow_missing, gene_key=gene_key,
+                      var_columns=adata.var.columns)
+    reader = _BlockReader(adata, gmap)
+    for a in range(0, reader.n_obs, int(batch_size)):
+        yield jnp.asarray(reader.read(a, min(a + int(batch_size), reader.n_obs)))
+
+
+def annotate_iter_full(
+    adata: anndata.AnnData, gene_names: list[str], gene_key: str | None = None, batch_size: int = 256
+) -> Iterator[Float[Array, "batch genes"]]:
+    """Iterator over AnnData returning jax arrays when all genes are present.
+
+    Parameters
+    ----------
+    adata : AnnData
+        AnnData object (in memory or backed).
+    gene_names : list[str]
+        Genes ordered as in training.
+    gene_key : str | None
+        Column in .var where gene names are stored.
+    batch_size : int
+        Number of cells per batch.
+
+    Yields
+    ------
+    jax.numpy.ndarray
+        Array of shape (batch_size, len(gene_names)) (the last batch may be shorter), columns in the
+        order of ``gene_names``.
+
+    Raises
+    ------
+    ValueError
+        When a gene of ``gene_names`` is missing from the input, ``gene_key`` is not a var column,
+        or ``batch_size`` < 1.
+    """
+    yield from _iter_aligned(adata, gene_names, gene_key, batch_size, allow_missing=False)
+
+
+def annotate_iter_partial(
+    adata: anndata.AnnData, gene_names: list[str], gene_key: str | None = None, batch_size: int = 256
+) -> Iterator[Float[Array, "batch genes"]]:
+    """Iterator over AnnData when genes are missing which were used during training.
+
+    Parameters
+    ----------
+    adata : AnnData
+        AnnData object (in memory or backed).
+    gene_names : list[str]
+        Genes ordered as in training. Missing genes are filled with zeros.
+    gene_key : str | None
+        Column in .var where gene names are stored.
+    batch_size : int
+        Number of barcodes per batch.
+
+    Yields
+    ------
+    jax.numpy.ndarray
+        Array of shape (batch_size, len(gene_names)) (the last batch may be shorter).
+
+    Warns
+    -----
+    UserWarning
+        With the percentage of ``gene_names`` found, when some are missing.
+    """
+    yield from _iter_aligned(adata, gene_names, gene_key, batch_size, allow_missing=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The forward pass
+# --------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=32)
+def _build_forward(
+    mesh: Mesh,
+    *,
+    dropout_rate: float,
+    normalize: bool,
+    target_sum: float | None,
+    randomness: bool,
+    n_samples: int,
+    want_probs: bool,
+    want_attn: bool,
+    seed: int,
+):
+    """Jitted ``(params, x, index) -> dict`` over the ``"data"`` axis of ``mesh``.
+
+    ``index`` holds every row's global cell index: with ``randomness`` each cell's dropout key is
+    ``fold_in(key(seed), index)`` (and pass ``s`` of ``n_samples`` folds in ``s``), so the result
+    does not depend on batch size, padding or device count. Cached, so that annotating several
+    inputs with the same settings compiles once.
+    """
+    base_key = jax.random.key(int(seed))
+
+    def one_pass(params, x, index, s):
+        if randomness:
+            def per_cell(i, xi):
+                k = jax.random.fold_in(base_key, i)
+                if n_samples > 1:
+                    k = jax.random.fold_in(k, s)
+                return nn_annotate(params, k, xi, dropout_rate, normalize, target_sum,
+                                   return_attn=want_attn, training=True)
+
+            out = jax.vmap(per_cell)(index.astype(jnp.uint32), x)
+        else:
+            out = nn_annotate(params, base_key, x, dropout_rate, normalize, target_sum,
+                              return_attn=want_attn, training=False)
+        logits, attn = out if want_attn else (out, None)
+        return jax.nn.softmax(logits, axis=-1), attn
+
+    def forward(params, x, index):
+        probs, attn = one_pass(params, x, index, 0)
+        if n_samples > 1:
+            def body(s, carry):
+                p_sum, a_sum = carry
+                p, a = one_pass(params, x, index, s)
+                return p_sum + p, (a_sum + a) if want_attn else a_sum
+
+            probs, attn = jax.lax.fori_loop(1, n_samples, body, (probs, attn))
+            probs = probs / n_samples
+            attn = attn / n_samples if want_attn else None
+        out = {
+            "pred": jnp.argmax(probs, axis=-1).astype(jnp.int32),
+            "conf": jnp.max(probs, axis=-1),
+        }
+        if n_samples > 1:
+            out["entropy"] = -jnp.sum(jnp.where(probs > 0, probs * jnp.log(probs), 0.0), axis=-1)
+        if want_probs:
+            out["probs"] = probs
+        if want_attn:
+            out["attn"] = attn
+        return out
+
+    data = NamedSharding(mesh, P("data"))
+    repl = NamedSharding(mesh, P())
+    # Params are replicated and NOT donated: the caller's model stays usable.
+    return jax.jit(forward, in_shardings=(repl, data, data), out_shardings=data), data, repl
+
+
+def _replicate(params, sharding: NamedSharding):
+    """Put host params on every device of ``sharding`` (works across processes too)."""
+    def put(leaf):
+        arr = np.asarray(leaf)
+        return jax.make_array_from_callback(arr.shape, sharding, lambda idx: arr[idx])
+
+    return jax.tree_util.tree_map(put, params)
+
+
+# --------------------------------------------------------------------------------------------
+# Background prefetch
+# --------------------------------------------------------------------------------------------
+
+
+class _Prefetch:
+    """Run ``produce(i)`` for i in range(n) on a thread, at most ``depth`` results ahead."""
+
+    _DONE = object()
+
+    def __init__(self, produce, n: int, depth: int = 2):
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(produce, n), daemon=True)
+        self._thread.start()
+
+    def _run(self, produce, n):
+        try:
+            for i in range(n):
+                if self._stop.is_set():
+                    return
+                self._put(("ok", produce(i)))
+        except BaseException as err:  # handed to the consumer, raised there
+            self._put(("err", err))
+            return
+        self._put(("ok", self._DONE))
+
+    def _put(self, item):
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def __iter__(self):
+        while True:
+            kind, item = self._q.get()
+            if kind == "err":
+                raise item
+            if item is self._DONE:
+                return
+            yield item
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+# --------------------------------------------------------------------------------------------
+# Sinks: where per-batch results go
+# --------------------------------------------------------------------------------------------
+
+
+class _TableWriter:
+    """Append (barcode, cell_type, confidence[, entropy]) rows to a parquet or CSV file."""
+
+    def __init__(self, path: Path, fmt: str, with_entropy: bool):
+        self.path, self.fmt, self.with_entropy = path, fmt, with_entropy
+        self.buf: list[pd.DataFrame] = []
+        self.n_buf = 0
+        self._pq_writer = None
+        self._fh = None
+        if fmt == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            fields = [("barcode", pa.string()), ("cell_type", pa.string()), ("confidence", pa.float32())]
+            if with_entropy:
+                fields.append(("entropy", pa.float32()))
+            self._schema = pa.schema(fields)
+            self._pa = pa
+            self._pq_writer = pq.ParquetWriter(str(path), self._schema)
+        else:
+            self._fh = open(path, "w", newline="")  # noqa: SIM115 - closed in close()
+            cols = ["barcode", "cell_type", "confidence"] + (["entropy"] if with_entropy else [])
+            self._fh.write(",".join(cols) + "\n")
+
+    def append(self, df: pd.DataFrame) -> None:
+        self.buf.append(df)
+        self.n_buf += len(df)
+        if self.n_buf >= _TABLE_FLUSH_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buf:
+            return
+        df = pd.concat(self.buf, ignore_index=True)
+        self.buf, self.n_buf = [], 0
+        if self._pq_writer is not None:
+            table = self._pa.Table.from_pandas(df, schema=self._schema, preserve_index=False)
+            self._pq_writer.write_table(table)
+        else:
+            df.to_csv(self._fh, header=False, index=False)
+
+    def close(self) -> None:
+        self.flush()
+        if self._pq_writer is not None:
+            self._pq_writer.close()
+        if self._fh is not None:
+            self._fh.close()
+
+
+def _open_zarr_arrays(path: Path, n_cells: int, chunk_rows: int, label_values, genes,
+                      want_probs: bool, want_attn: bool):
+    import zarr
+
+    root = zarr.open_group(str(path), mode="w")
+    root.attrs.update({
+        "format": "ginseng.annotation",
+        "format_version": 1,
+        "label_values": [str(v) for v in label_values],
+        "genes": [str(g) for g in genes],
+    })
+    arrays = {}
+    rows = max(1, min(chunk_rows, max(n_cells, 1)))
+    if want_probs:
+        arrays["probs"] = root.create_array(
+            "probs", shape=(n_cells, len(label_values)), chunks=(rows, len(label_values)), dtype="float32")
+    if want_attn:
+        arrays["attn"] = root.create_array(
+            "attn", shape=(n_cells, len(genes)), chunks=(rows, len(genes)), dtype="float32")
+    return arrays
+
+
+# --------------------------------------------------------------------------------------------
+# Truth report
+# --------------------------------------------------------------------------------------------
+
+
+def _classification_report(confusion: np.ndarray, truth_labels: list[str], model_labels: list[str]
+                           ) -> tuple[pd.DataFrame, float]:
+    """Per-class precision / recall / F1 from a (truth x model) confusion matrix.
+
+    Classes are the union of truth labels and model labels (truth first). A ratio with a zero
+    denominator is 0. Macro-F1 is the mean F1 over classes with at least one true cell.
+    """
+    classes = list(truth_labels) + [m for m in model_labels if m not in set(truth_labels)]
+    idx = {c: i for i, c in enumerate(classes)}
+    k = len(classes)
+    full = np.zeros((k, k), dtype=np.int64)
+    ti = np.array([idx[t] for t in truth_labels], dtype=np.int64)
+    mi = np.array([idx[m] for m in model_labels], dtype=np.int64)
+    full[np.ix_(ti, mi)] = confusion
+    tp = np.diag(full).astype(np.float64)
+    support = full.sum(axis=1)
+    predicted = full.sum(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(predicted > 0, tp / np.maximum(predicted, 1), 0.0)
+        recall = np.where(support > 0, tp / np.maximum(support, 1), 0.0)
+        denom = precision + recall
+        f1 = np.where(denom > 0, 2 * precision * recall / np.where(denom > 0, denom, 1), 0.0)
+    model_set = set(model_labels)
+    report = pd.DataFrame({
+        "cell_type": classes,
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "support": support,
+        "predicted": predicted,
+        "in_model": [c in model_set for c in classes],
+    })
+    macro = float(f1[support > 0].mean()) if (support > 0).any() else float("nan")
+    return report, macro
+
+
+def _write_report(report: pd.DataFrame, macro: float, confusion: np.ndarray, truth_labels, model_labels,
+                  csv_path: Path, png_path: Path, overwrite: bool) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = pd.concat([report, pd.DataFrame([{
+        "cell_type": "macro_avg", "precision": report.loc[report.support > 0, "precision"].mean(),
+        "recall": report.loc[report.support > 0, "recall"].mean(), "f1": macro,
+        "support": int(report.support.sum()), "predicted": int(report.predicted.sum()), "in_model": None,
+    }])], ignore_index=True)
+    with atomic_path(csv_path, overwrite=overwrite, what="report") as tmp:
+        out.to_csv(tmp, index=False)
+    fig, ax = plt.subplots(figsize=(1.5 + 0.45 * len(model_labels), 1.5 + 0.4 * len(truth_labels)))
+    rows = confusion.sum(axis=1, keepdims=True)
+    frac = np.where(rows > 0, confusion / np.maximum(rows, 1), 0.0)
+    ax.imshow(frac, cmap="Blues", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(model_labels)), [str(m) for m in model_labels], rotation=90, fontsize=7)
+    ax.set_yticks(range(len(truth_labels)), [str(t) for t in truth_labels], fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("truth")
+    ax.set_title(f"ginseng annotation (macro-F1 {macro:.3f}); row-normalized counts", fontsize=8)
+    for i in range(confusion.shape[0]):
+        for j in range(confusion.shape[1]):
+            if confusion[i, j]:
+                ax.text(j, i, str(confusion[i, j]), ha="center", va="center", fontsize=6,
+                        color="white" if frac[i, j] > 0.5 else "black")
+    fig.tight_layout()
+    with atomic_path(png_path, overwrite=overwrite, what="confusion-matrix plot") as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# annotate
+# --------------------------------------------------------------------------------------------
+
+
+def _load_model(model_state) -> GinsengModelState:
+    if isinstance(model_state, GinsengModelState):
+        return model_state
+    if isinstance(model_state, (str, os.PathLike)):
+        from ginseng.io import load_ginseng_state  # io pulls in the file readers: load on use
+
+        return load_ginseng_state(model_state)
+    msg = f"model_state must be a GinsengModelState or a path to a model file, got {type(model_state).__name__}"
+    raise TypeError(msg)
+
+
+def _open_input(adata, backed: bool):
+    """Return (source, kind) with kind in {"adata", "backed", "path", "dataset"}."""
+    if isinstance(adata, anndata.AnnData):
+        return adata, ("backed" if adata.isbacked else "adata")
+    if _is_ginseng_dataset(adata):
+        return adata, "dataset"
+    if isinstance(adata, (str, os.PathLike)):
+        from ginseng.io import read_adata
+
+        return read_adata(adata, backed=backed), "path"
+    msg = f"adata must be an AnnData, a GinsengDataset or a path, got {type(adata).__name__}"
+    raise TypeError(msg)
+
+
+def _output_format(output: Path) -> str:
+    fmt = _TABLE_FORMATS.get(output.suffix.lower())
+    if fmt is None:
+        msg = (
+            f"output {str(output)!r} has extension {output.suffix or '(none)'!r}; expected one of "
+            f"{sorted(_TABLE_FORMATS)} (parquet or CSV)"
+        )
+        raise ValueError(msg)
+    return fmt
+
+
+def annotate(
+    model_state: GinsengModelState | str | os.PathLike,
+    adata: anndata.AnnData | str | os.PathLike,
+    gene_key: str | None = None,
+    backed: bool = False,
+    normalize: bool | None = None,
+    target_sum: float | None = None,
+    randomness: bool = False,
+    batch_size: int = 1024,
+    copy: bool = False,
+    return_probs: bool = False,
+    return_attn: bool = False,
+    return_table: bool = False,
+    seed: int = 123,
+    *,
+    output: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    n_samples: int = 1,
+    truth_key: str | None = None,
+    report_dir: str | os.PathLike | None = None,
+    devices=None,
+    silent: bool = False,
+):
+    """Annotate single-cell sequencing data using a trained ginseng model.
+
+    Parameters
+    ----------
+    model_state : GinsengModelState | str | Path
+        Model state containing parameters, genes, labels, and metadata, or a model file written by
+        ``ginseng.io.save_ginseng_state``.
+    adata : AnnData | str | Path | GinsengDataset
+        AnnData object (in memory or backed) or path to count data stored in 10x .h5 format,
+        AnnData .h5ad format, or in a 10x matrix market format folder, or a ``GinsengDataset``.
+        It is read in contiguous row blocks; the whole matrix is never densified.
+    gene_key : str | None
+        Column in .var where gene names are stored (default: ``var_names``).
+    backed : bool
+        If True and adata is a path to an .h5ad file, read it in on-disk/backed mode: memory then
+        does not grow with the number of cells. Ignored for other inputs.
+    normalize : bool | None
+        Override normalize in model_state (True or False; None keeps the model's). This may be
+        useful if you do not have access to raw counts. Be aware that differences in normalization
+        between training and inference will likely change performance.
+    target_sum : float | None
+        Override target_sum in model_state (None keeps the model's).
+    randomness : bool
+        If True, dropout remains active during inference (Monte Carlo dropout). Each cell's key is
+        ``fold_in(key(seed), cell index)``, so results do not depend on batch size or devices.
+    batch_size : int
+        Cells per forward pass (rounded up to a multiple of the number of devices). Every batch
+        has this shape (the last is padded), so the forward pass compiles once.
+    copy : bool
+        If True, return a copy of the AnnData object with the results, else modify in place.
+    return_probs : bool
+        If True, return a (cells x classes) table of softmax probabilities (columns: the model's
+        label values, index: barcodes). With ``output``, written to ``<stem>.zarr/probs`` instead.
+    return_attn : bool
+        If True, return the gene-level weights of every cell, a (cells x model genes) float32 array
+        (large: not recommended for large datasets without ``output``). With ``output``, written to
+        ``<stem>.zarr/attn`` block by block.
+    return_table : bool
+        If True, return a table with columns 'barcode', 'cell_type', 'confidence' (and 'entropy'
+        when ``n_samples > 1``).
+    seed : int
+        Random seed for reproducibility (used with ``randomness``).
+    output : str | Path | None
+        Write results to this file as they are produced: ``.parquet``/``.pq`` or ``.csv`` table of
+        barcode, cell_type, confidence (+ entropy), plus ``<output stem>.zarr`` with arrays
+        ``probs`` / ``attn`` when ``return_probs`` / ``return_attn``. Everything is written under
+        temporary names and renamed into place at the end. The function then returns None and no
+        (cells x classes) or (cells x genes) array is held in memory.
+    overwrite : bool
+        Replace existing output (and report) files; otherwise they are refused.
+    n_samples : int
+        Number of stochastic passes (requires ``randomness=True`` when > 1). Probabilities are
+        averaged; the predictive entropy of the mean goes to ``obs["ginseng_entropy"]`` / the
+        'entropy' column.
+    truth_key : str | None
+        An obs column with true labels (for a GinsengDataset: ``"labels"``). Prints per-class
+        precision / recall / F1 and macro-F1 (mean F1 over true classes) and writes
+        ``annotate_report.csv`` and ``annotate_confusion.png`` into ``report_dir``, or
+        ``<output stem>.report.csv`` / ``<output stem>.confusion.png`` beside ``output``.
+        Labels absent from the model are reported (recall 0), not an error.
+    report_dir : str | Path | None
+        Folder for the truth report (must exist).
+    devices : list of jax.Device | None
+        Devices to shard batches over (default: all devices, all processes).
+    silent : bool
+        Disable the progress bar and the printed report.
+
+    Returns
+    -------
+    None | AnnData | pd.DataFrame | np.ndarray | tuple
+        With ``output``: None. Otherwise the requested items in this fixed order, as a single
+        object when one is requested and as a tuple when several are:
+        ``(adata_copy if copy, table if return_table, probs if return_probs, attn if return_attn)``;
+        None when nothing is requested (``adata`` modified in place: ``obs["ginseng_cell_type"]``
+        (categorical of the model's labels), ``obs["ginseng_confidence"]`` (top probability) and,
+        with ``n_samples > 1``, ``obs["ginseng_entropy"]``). A path or a GinsengDataset has no
+        object to modify, so for those the table is always returned (``return_table`` is implied;
+        with ``copy=True`` a path also gives the AnnData read from it, with the obs columns).
+        A backed AnnData gets the columns in its in-memory ``obs`` (the file is not modified).
+
+    Raises
+    ------
+    ValueError
+        Bad ``batch_size`` / ``n_samples``, no gene overlap, gene identifiers of different kinds
+        (Ensembl ids vs symbols), unknown ``gene_key`` / ``truth_key`` column, unknown output
+        extension, unreadable model file.
+    FileExistsError
+        An output or report file exists and ``overwrite`` is False.
+    FileNotFoundError
+        The output or report directory does not exist, or the model file is missing.
+    """
+    # ---- validate everything before reading or writing anything ----
+    if int(batch_size) != batch_size or int(batch_size) < 1:
+        msg = f"batch_size must be an integer >= 1, got {batch_size!r}"
+        raise ValueError(msg)
+    if int(n_samples) != n_samples or int(n_samples) < 1:
+        msg = f"n_samples must be an integer >= 1, got {n_samples!r}"
+        raise ValueError(msg)
+    batch_size, n_samples = int(batch_size), int(n_samples)
+    if n_samples > 1 and not randomness:
+        msg = f"n_samples={n_samples} needs randomness=True: without dropout every pass is identical"
+        raise ValueError(msg)
+    out_path = None if output is None else Path(output)
+    zarr_path = None
+    report_paths = None
+    if out_path is not None:
+        fmt = _output_format(out_path)
+        check_writable_target(out_path, overwrite, "output")
+        if return_probs or return_attn:
+            zarr_path = out_path.with_suffix(".zarr")
+            check_writable_target(zarr_path, overwrite, "output store")
+    if truth_key is not None:
+        if report_dir is not None:
+            rdir = Path(report_dir)
+            if not rdir.is_dir():
+                msg = f"report_dir {str(rdir)!r} does not exist or is not a directory"
+                raise FileNotFoundError(msg)
+            report_paths = (rdir / "annotate_report.csv", rdir / "annotate_confusion.png")
+        elif out_path is not None:
+            report_paths = (out_path.with_name(out_path.stem + ".report.csv"),
+                            out_path.with_name(out_path.stem + ".confusion.png"))
+        for p in report_paths or ():
+            check_writable_target(p, overwrite, "report")
+
+    state = _load_model(model_state)
+    source, kind = _open_input(adata, backed)
+    model_genes = np.asarray(state.genes).astype(str)
+    label_values = np.asarray(state.label_values)
+    label_str = [str(v) for v in label_values]
+
+    if kind == "dataset":
+        input_genes = np.asarray(source.genes).astype(str)
+        if gene_key is not None:
+            msg = f"gene_key={gene_key!r} does not apply to a GinsengDataset (its genes are fixed)"
+            raise ValueError(msg)
+        gmap = _map_genes(input_genes, model_genes, var_columns=())
+        n_cells = int(source.n_cells)
+        barcodes_of = lambda a, b: np.arange(a, b).astype(str)  # noqa: E731
+    else:
+        input_genes = _input_gene_names(source.var, source.var_names, gene_key)
+        gmap = _map_genes(input_genes, model_genes, gene_key=gene_key, var_columns=source.var.columns)
+        n_cells = int(source.n_obs)
+        obs_names = source.obs_names
+        barcodes_of = lambda a, b: np.asarray(obs_names[a:b]).astype(str)  # noqa: E731
+
+    truth_of = None
+    truth_labels: list[str] = []
+    if truth_key is not None:
+        if kind == "dataset":
+            if truth_key != "labels":
+                msg = f"for a GinsengDataset truth_key must be 'labels' (its label column), got {truth_key!r}"
+                raise ValueError(msg)
+            t_codes = np.asarray(source.labels)
+            truth_labels = [str(v) for v in source.label_values]
+        else:
+            if truth_key not in source.obs.columns:
+                msg = (
+                    f"truth_key {truth_key!r} is not a column of adata.obs; "
+                    f"available columns: {list(map(str, source.obs.columns))}"
+                )
+                raise ValueError(msg)
+            cat = pd.Categorical(np.asarray(source.obs[truth_key]).astype(str))
+            t_codes = cat.codes.astype(np.int64)
+            truth_labels = [str(c) for c in cat.categories]
+        truth_of = lambda a, b: t_codes[a:b]  # noqa: E731
+
+    # ---- devices, batch shape, forward ----
+    devs = list(jax.devices() if devices is None else devices)
+    n_dev = len(devs)
+    n_proc = jax.process_count()
+    proc = jax.process_index()
+    multi = n_proc > 1
+    global_batch = -(-batch_size // n_dev) * n_dev
+    if global_batch % n_proc:
+        msg = f"the {n_dev} devices do not split evenly over {n_proc} processes"
+        raise ValueError(msg)
+    local_rows = global_batch // n_proc
+    mesh = Mesh(np.asarray(devs), ("data",))
+    norm = state.normalize if normalize is None else bool(normalize)
+    tsum = state.target_sum if target_sum is None else float(target_sum)
+    want_probs_out = bool(return_probs)
+    fwd, data_sh, repl_sh = _build_forward(
+        mesh, dropout_rate=float(state.dropout_rate), normalize=norm, target_sum=tsum,
+        randomness=bool(randomness), n_samples=n_samples, want_probs=want_probs_out,
+        want_attn=bool(return_attn), seed=int(seed),
+    )
+    params = _replicate(state.params, repl_sh)
+    reader = _BlockReader(source, gmap)
+    n_batches = -(-n_cells // global_batch)
+    is_writer = proc == 0
+
+    # ---- where results go ----
+    in_memory = out_path is None
+    force_table = kind in ("path", "dataset")
+    want_table = bool(return_table) or force_table
+    res: dict[str, np.ndarray] = {}
+    if in_memory:
+        res["pred"] = np.empty(n_cells, np.int32)
+        res["conf"] = np.empty(n_cells, np.float32)
+        if n_samples > 1:
+            res["entropy"] = np.empty(n_cells, np.float32)
+        if return_probs:
+            res["probs"] = np.empty((n_cells, len(label_values)), np.float32)
+        if return_attn:
+            res["attn"] = np.empty((n_cells, len(model_genes)), np.float32)
+    confusion = np.zeros((len(truth_labels), len(label_values)), np.int64) if truth_of else None
+
+    def produce(i: int):
+        # Rows of this process in global batch i: [g0 + proc*local_rows, ... + local_rows).
+        g0 = i * global_batch
+        a = min(g0 + proc * local_rows, n_cells)
+        b = min(a + local_rows, n_cells)
+        x = np.zeros((local_rows, gmap.n_model), np.float32)
+        reader.read(a, b, out=x)
+        index = np.arange(g0 + proc * local_rows, g0 + (proc + 1) * local_rows, dtype=np.int32)
+        return i, x, index
+
+    def to_global(arr: np.ndarray):
+        if multi:
+            return jax.make_array_from_process_local_data(data_sh, arr, (global_batch,) + arr.shape[1:])
+        return jax.device_put(arr, data_sh)
+
+    def fetch(out):
+        if multi:
+            from jax.experimental import multihost_utils
+
+            return {k: np.asarray(v) for k, v in multihost_utils.process_allgather(out, tiled=True).items()}
+        return jax.device_get(out)
+
+    with contextlib.ExitStack() as stack:
+        table_writer = None
+        zarr_arrays: dict = {}
+        if out_path is not None and is_writer:
+            tmp_table = stack.enter_context(atomic_path(out_path, overwrite=overwrite, what="output"))
+            table_writer = _TableWriter(tmp_table, fmt, with_entropy=n_samples > 1)
+            stack.callback(table_writer.close)  # runs before the rename (LIFO)
+            if zarr_path is not None:
+                tmp_zarr = stack.enter_context(atomic_path(zarr_path, overwrite=overwrite, what="output store"))
+                zarr_arrays = _open_zarr_arrays(tmp_zarr, n_cells, global_batch, label_str, model_genes,
+                                                bool(return_probs), bool(return_attn))
+
+        bar = tqdm(total=n_cells, unit="cells", desc="annotate", disable=silent or not is_writer)
+        stack.callback(bar.close)
+
+        def consume(i: int, out_dev) -> None:
+            out = fetch(out_dev)
+            a = i * global_batch
+            b = min(a + global_batch, n_cells)
+            n = b - a
+            out = {k: v[:n] for k, v in out.items()}  # drop the padding rows
+            if confusion is not None:
+                np.add.at(confusion, (truth_of(a, b), out["pred"]), 1)
+            if in_memory:
+                for k, v in out.items():
+                    res[k][a:b] = v
+            elif is_writer:
+                cols = {
+                    "barcode": barcodes_of(a, b),
+                    "cell_type": np.asarray(label_str, dtype=object)[out["pred"]],
+                    "confidence": out["conf"].astype(np.float32),
+                }
+                if n_samples > 1:
+                    cols["entropy"] = out["entropy"].astype(np.float32)
+                table_writer.append(pd.DataFrame(cols))
+                for k, arr in zarr_arrays.items():
+                    arr[a:b] = out[k]
+            bar.update(n)
+
+        prefetch = _Prefetch(produce, n_batches, depth=2)
+        stack.callback(prefetch.close)
+        pending = None
+        for i, x, index in prefetch:
+            # Dispatch batch i before fetching batch i-1, so the devices never wait on the host.
+            out_dev = fwd(params, to_global(x), to_global(index))
+            if pending is not None:
+                consume(*pending)
+            pending = (i, out_dev)
+        if pending is not None:
+            consume(*pending)
+
+        if confusion is not None and is_writer:
+            report, macro = _classification_report(confusion, truth_labels, label_str)
+            absent = [t for t in truth_labels if t not in set(label_str)]
+            if not silent:
+                with pd.option_context("display.max_rows", None, "display.width", 120):
+                    print(report.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+                print(f"macro-F1: {macro:.4f}")
+                if absent:
+                    print(f"truth labels not in the model (recall 0 by construction): {absent}")
+            if report_paths is not None:
+                _write_report(report, macro, confusion, truth_labels, label_str,
+                              report_paths[0], report_paths[1], overwrite)
+
+    if not in_memory:
+        return None
+
+    # ---- in-memory results ----
+    cell_type = pd.Categorical.from_codes(res["pred"], categories=pd.Index(label_values))
+    barcodes = barcodes_of(0, n_cells)
+    obs_cols = {"ginseng_cell_type": cell_type, "ginseng_confidence": res["conf"]}
+    if n_samples > 1:
+        obs_cols["ginseng_entropy"] = res["entropy"]
+    results: list = []
+    if kind in ("adata", "backed", "path"):
+        target = source
+        if copy and kind != "path":  # an AnnData read from a path is already ours to return
+            target = source.copy() if kind == "adata" else source
+        if copy and target.isbacked:
+            target = target.to_memory()
+        for k, v in obs_cols.items():
+            target.obs[k] = v
+        if copy:
+            results.append(target)
+    if want_table:
+        table = pd.DataFrame({"barcode": barcodes, "cell_type": cell_type, "confidence": res["conf"]})
+        if n_samples > 1:
+            table["entropy"] = res["entropy"]
+        results.append(table)
+    if return_probs:
+        results.append(pd.DataFrame(res["probs"], index=pd.Index(barcodes, name="barcode"),
+                                    columns=pd.Index(label_values)))
+    if return_attn:
+        results.append(res["attn"])
+    if not results:
+        return None
+    return results[0] if len(results) == 1 else tuple(results)

@@ -1,0 +1,292 @@
+"""Tests for ginseng.annotate: equality with a direct nn_annotate call, invariance to batch size and
+device count, gene mapping, inputs (in memory, sparse, backed, path), outputs (parquet, CSV, zarr),
+Monte Carlo dropout, the truth report, and the errors that leave nothing behind."""
+
+import anndata
+import jax
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from conftest import make_counts
+
+from ginseng.annotate import (
+    _classification_report,
+    annotate,
+    annotate_iter_full,
+    annotate_iter_partial,
+)
+from ginseng.nn import nn_annotate, nn_annotate_init
+from ginseng.state import GinsengModelState
+
+N_CELLS, N_GENES, LABELS = 70, 24, np.array(["alpha", "beta", "gamma"])
+
+
+def make_state(genes, seed=0, **kw):
+    params = nn_annotate_init(jax.random.key(seed), len(genes), len(LABELS), 8)
+    return GinsengModelState(params, np.asarray(genes, dtype=str), np.arange(len(LABELS)), LABELS, **kw)
+
+
+@pytest.fixture
+def adata():
+    return make_counts(n_cells=N_CELLS, n_genes=N_GENES, n_labels=3, seed=3)
+
+
+@pytest.fixture
+def state(adata):
+    return make_state(adata.var_names)
+
+
+def direct_probs(state, x, normalize=None, target_sum=None, attn=False):
+    out = nn_annotate(
+        state.params, jax.random.key(0), np.asarray(x, np.float32), state.dropout_rate,
+        state.normalize if normalize is None else normalize,
+        state.target_sum if target_sum is None else target_sum, return_attn=attn, training=False,
+    )
+    if attn:
+        return np.asarray(jax.nn.softmax(out[0], -1)), np.asarray(out[1])
+    return np.asarray(jax.nn.softmax(out, -1))
+
+
+def test_in_place_equals_direct_nn_annotate(adata, state):
+    assert annotate(state, adata, silent=True) is None
+    p = direct_probs(state, adata.X)
+    ct = adata.obs["ginseng_cell_type"]
+    assert isinstance(ct.dtype, pd.CategoricalDtype)
+    assert list(ct.cat.categories) == list(LABELS)
+    np.testing.assert_array_equal(ct.cat.codes.to_numpy(), p.argmax(1))
+    np.testing.assert_allclose(adata.obs["ginseng_confidence"].to_numpy(), p.max(1), rtol=1e-5)
+    assert "ginseng_entropy" not in adata.obs
+
+
+def test_sparse_input_and_return_convention(adata, state):
+    sparse = adata.copy()
+    sparse.X = sp.csr_matrix(adata.X)
+    copied, table, probs, attn = annotate(
+        state, sparse, copy=True, return_table=True, return_probs=True, return_attn=True, silent=True)
+    assert "ginseng_cell_type" not in sparse.obs  # copy=True leaves the input alone
+    p, a = direct_probs(state, adata.X, attn=True)
+    np.testing.assert_allclose(probs.to_numpy(), p, rtol=1e-5, atol=1e-7)
+    assert list(probs.columns) == list(LABELS) and list(probs.index) == list(adata.obs_names)
+    np.testing.assert_allclose(attn, a, rtol=1e-5, atol=1e-7)
+    assert attn.shape == (N_CELLS, N_GENES)
+    assert list(table.columns) == ["barcode", "cell_type", "confidence"]
+    assert list(table.barcode) == list(adata.obs_names)
+    np.testing.assert_array_equal(table.cell_type.astype(str), LABELS[p.argmax(1)])
+    np.testing.assert_array_equal(copied.obs["ginseng_cell_type"].astype(str), LABELS[p.argmax(1)])
+    # one request: the object itself, not a tuple
+    assert isinstance(annotate(state, sparse, return_probs=True, silent=True), pd.DataFrame)
+    assert isinstance(annotate(state, sparse, copy=True, silent=True), anndata.AnnData)
+
+
+def test_batch_size_and_device_count_do_not_change_results(adata, state):
+    ref = annotate(state, adata, batch_size=1024, return_probs=True, silent=True)
+    for bs, devs in ((7, None), (1, jax.devices()[:1]), (7, jax.devices()[:1]), (33, jax.devices()[:2])):
+        got = annotate(state, adata, batch_size=bs, devices=devs, return_probs=True, silent=True)
+        np.testing.assert_array_equal(got.to_numpy().argmax(1), ref.to_numpy().argmax(1))
+        np.testing.assert_allclose(got.to_numpy(), ref.to_numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_normalize_and_target_sum_overrides(adata):
+    st = make_state(adata.var_names, normalize=True, target_sum=1e4)
+    off = annotate(st, adata, normalize=False, return_probs=True, silent=True).to_numpy()
+    np.testing.assert_allclose(off, direct_probs(st, adata.X, normalize=False), rtol=1e-5, atol=1e-7)
+    ts = annotate(st, adata, target_sum=50.0, return_probs=True, silent=True).to_numpy()
+    np.testing.assert_allclose(ts, direct_probs(st, adata.X, target_sum=50.0), rtol=1e-5, atol=1e-7)
+    assert not np.allclose(off, ts)
+    st_off = make_state(adata.var_names, normalize=False)
+    on = annotate(st_off, adata, normalize=True, return_probs=True, silent=True).to_numpy()
+    np.testing.assert_allclose(on, direct_probs(st_off, adata.X, normalize=True), rtol=1e-5, atol=1e-7)
+
+
+def test_partial_overlap_warns_and_fills_zeros(adata):
+    # model genes: 18 of the input's genes in another order, plus 6 unknown ones
+    genes = list(adata.var_names[::-1][:18]) + [f"NOVEL{i}" for i in range(6)]
+    st = make_state(genes)
+    with pytest.warns(UserWarning, match=r"only 18 of the model's 24 genes \(75\.0%\) were found"):
+        probs = annotate(st, adata, return_probs=True, silent=True).to_numpy()
+    aligned = np.zeros((N_CELLS, 24), np.float32)
+    aligned[:, :18] = adata[:, genes[:18]].X
+    np.testing.assert_allclose(probs, direct_probs(st, aligned), rtol=1e-5, atol=1e-7)
+
+    with pytest.warns(UserWarning, match="75.0%"):
+        blocks = list(annotate_iter_partial(adata, genes, batch_size=32))
+    assert [b.shape for b in blocks] == [(32, 24), (32, 24), (6, 24)]
+    np.testing.assert_array_equal(np.concatenate(blocks), aligned)
+    with pytest.raises(ValueError, match="6 of the model's 24 genes are missing"):
+        list(annotate_iter_full(adata, genes))
+    full = np.concatenate(list(annotate_iter_full(adata, list(adata.var_names[::-1]), batch_size=50)))
+    np.testing.assert_array_equal(full, adata.X[:, ::-1])
+
+
+def test_gene_key_and_gene_errors(adata):
+    st = make_state(adata.var["symbol"])
+    by_symbol = annotate(st, adata, gene_key="symbol", return_probs=True, silent=True).to_numpy()
+    np.testing.assert_allclose(by_symbol, direct_probs(st, adata.X), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match=r"gene_key 'nope' is not a column of adata.var; available columns: \['symbol', 'keep'\]"):
+        annotate(st, adata, gene_key="nope", silent=True)
+    with pytest.raises(ValueError, match="none of the model's 24 genes"):
+        annotate(st, adata, silent=True)  # var_names are GENE*, the model has SYM*
+    ens = make_state([f"ENSG{i:011d}" for i in range(N_GENES)])
+    with pytest.raises(ValueError, match=r"model's genes are Ensembl ids .* input's genes \(adata.var_names\) are gene symbols"):
+        annotate(ens, adata, silent=True)
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
+        annotate(st, adata, gene_key="symbol", batch_size=0, silent=True)
+    with pytest.raises(ValueError, match="n_samples must be an integer >= 1, got 0"):
+        annotate(st, adata, gene_key="symbol", n_samples=0, silent=True)
+    with pytest.raises(ValueError, match="n_samples=3 needs randomness=True"):
+        annotate(st, adata, gene_key="symbol", n_samples=3, silent=True)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        list(annotate_iter_full(adata, adata.var_names, batch_size=0))
+
+
+def test_backed_and_path_inputs_equal_in_memory(adata, state, tmp_path):
+    ref = annotate(state, adata.copy(), return_table=True, silent=True)
+    path = tmp_path / "x.h5ad"
+    sparse = adata.copy()
+    sparse.X = sp.csr_matrix(adata.X)
+    sparse.write_h5ad(path)
+    backed = anndata.read_h5ad(path, backed="r")
+    got = annotate(state, backed, batch_size=16, return_table=True, silent=True)
+    pd.testing.assert_frame_equal(got, ref, rtol=1e-5)
+    assert list(backed.obs["ginseng_cell_type"].astype(str)) == list(ref.cell_type.astype(str))
+    # a path has no object to modify: the table is returned
+    for bk in (True, False):
+        pd.testing.assert_frame_equal(annotate(state, path, backed=bk, silent=True), ref, rtol=1e-5)
+    ad2, tab = annotate(state, str(path), copy=True, silent=True)
+    assert list(ad2.obs["ginseng_cell_type"].astype(str)) == list(ref.cell_type.astype(str))
+    # dense backed X as well
+    adata.write_h5ad(tmp_path / "dense.h5ad")
+    got = annotate(state, tmp_path / "dense.h5ad", backed=True, batch_size=9, silent=True)
+    pd.testing.assert_frame_equal(got, ref, rtol=1e-5)
+
+
+def test_model_from_path_and_unreadable_model(adata, state, tmp_path):
+    io = pytest.importorskip("ginseng.io")
+    io.save_ginseng_state(state, tmp_path / "m.h5")
+    ref = annotate(state, adata, return_table=True, silent=True)
+    pd.testing.assert_frame_equal(annotate(tmp_path / "m.h5", adata, return_table=True, silent=True), ref)
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="bad.h5"):
+        annotate(bad, adata, output=tmp_path / "o.csv", silent=True)
+    with pytest.raises(FileNotFoundError, match="missing.h5"):
+        annotate(tmp_path / "missing.h5", adata, silent=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.h5", "m.h5"]
+
+
+@pytest.mark.parametrize("ext", [".parquet", ".csv"])
+def test_output_file_equals_in_memory(adata, state, tmp_path, ext):
+    zarr = pytest.importorskip("zarr")
+    table, probs, attn = annotate(state, adata.copy(), return_table=True, return_probs=True,
+                                  return_attn=True, silent=True)
+    out = tmp_path / f"res{ext}"
+    assert annotate(state, adata, output=out, batch_size=16, return_probs=True, return_attn=True,
+                    silent=True) is None
+    assert "ginseng_cell_type" not in adata.obs
+    got = pd.read_parquet(out) if ext == ".parquet" else pd.read_csv(out)
+    assert list(got.columns) == ["barcode", "cell_type", "confidence"]
+    assert list(got.barcode) == list(table.barcode)
+    assert list(got.cell_type) == list(table.cell_type.astype(str))
+    np.testing.assert_allclose(got.confidence, table.confidence, rtol=1e-6)
+    store = zarr.open_group(str(tmp_path / "res.zarr"), mode="r")
+    # batch 16 here vs 1024 in memory: same values up to float rounding of the matmul blocking
+    np.testing.assert_allclose(store["probs"][:], probs.to_numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(store["attn"][:], attn, rtol=1e-5, atol=1e-7)
+    assert store.attrs["label_values"] == list(LABELS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"res{ext}", "res.zarr"])
+
+
+def test_output_refusals_leave_nothing(adata, state, tmp_path):
+    out = tmp_path / "res.csv"
+    out.write_text("precious")
+    with pytest.raises(FileExistsError, match="already exists; pass overwrite=True"):
+        annotate(state, adata, output=out, silent=True)
+    assert out.read_text() == "precious"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        annotate(state, adata, output=tmp_path / "nodir" / "res.csv", silent=True)
+    with pytest.raises(ValueError, match=r"extension '.txt'; expected one of"):
+        annotate(state, adata, output=tmp_path / "res.txt", silent=True)
+    with pytest.raises(ValueError, match="none of the model's"):
+        annotate(make_state([f"X{i}" for i in range(5)]), adata, output=tmp_path / "r2.csv", silent=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["res.csv"]
+    annotate(state, adata, output=out, overwrite=True, silent=True)
+    assert len(pd.read_csv(out)) == N_CELLS
+
+
+def test_randomness_reproducible_and_batch_invariant(adata, state):
+    det = annotate(state, adata, return_probs=True, silent=True).to_numpy()
+    a = annotate(state, adata, randomness=True, seed=5, return_probs=True, silent=True).to_numpy()
+    b = annotate(state, adata, randomness=True, seed=5, batch_size=7, devices=jax.devices()[:1],
+                 return_probs=True, silent=True).to_numpy()
+    c = annotate(state, adata, randomness=True, seed=6, return_probs=True, silent=True).to_numpy()
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(a, det, atol=1e-4)
+    assert not np.allclose(a, c, atol=1e-4)
+    # Monte Carlo: mean of n passes, with its predictive entropy
+    table, probs = annotate(state, adata, randomness=True, n_samples=4, seed=5, return_table=True,
+                            return_probs=True, silent=True)
+    p = probs.to_numpy()
+    np.testing.assert_allclose(p.sum(1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(table.entropy, -(p * np.log(p)).sum(1), rtol=1e-4)
+    np.testing.assert_allclose(table.confidence, p.max(1), rtol=1e-6)
+    assert not np.allclose(p, a, atol=1e-4)
+    annotate(state, adata, randomness=True, n_samples=4, seed=5, silent=True)
+    np.testing.assert_allclose(adata.obs["ginseng_entropy"], table.entropy, rtol=1e-6)
+
+
+def test_classification_report_by_hand():
+    # truth x model counts; "delta" is a truth label the model does not have
+    conf = np.array([[3, 1, 0], [0, 2, 2], [1, 0, 0], [0, 0, 0]])
+    truth = ["alpha", "beta", "delta", "gamma"]
+    rep, macro = _classification_report(conf[:3], truth[:3], list(LABELS))
+    rep = rep.set_index("cell_type")
+    # alpha: tp 3, predicted 4, support 4 ; beta: tp 2, predicted 3, support 4
+    # delta: tp 0, support 1 ; gamma: tp 0, predicted 2, support 0
+    def row(c, cols=("precision", "recall", "f1")):
+        return rep.loc[c, list(cols)].to_numpy(float)
+
+    np.testing.assert_allclose(row("alpha"), [0.75, 0.75, 0.75])
+    np.testing.assert_allclose(row("beta"), [2 / 3, 0.5, 4 / 7])
+    np.testing.assert_allclose(row("delta", ("precision", "recall", "f1", "support")), [0, 0, 0, 1])
+    assert not rep.loc["delta", "in_model"]
+    assert rep.loc["gamma", "support"] == 0 and rep.loc["gamma", "predicted"] == 2
+    assert macro == pytest.approx((0.75 + 4 / 7 + 0) / 3)
+
+
+def test_truth_report_end_to_end(adata, state, tmp_path, capsys):
+    truth = np.array(["alpha", "beta", "gamma", "omega"])[np.arange(N_CELLS) % 4]
+    adata.obs["truth"] = truth
+    out = tmp_path / "res.parquet"
+    annotate(state, adata, output=out, truth_key="truth", batch_size=16)
+    assert "macro-F1" in capsys.readouterr().out
+    pred = pd.read_parquet(out).cell_type.to_numpy()
+    rep = pd.read_csv(tmp_path / "res.report.csv").set_index("cell_type")
+    assert (tmp_path / "res.confusion.png").stat().st_size > 0
+    f1s = []
+    for c in ["alpha", "beta", "gamma", "omega"]:
+        tp = np.sum((truth == c) & (pred == c))
+        prec = tp / max(np.sum(pred == c), 1)
+        rec = tp / np.sum(truth == c)
+        f1 = 0.0 if prec + rec == 0 else 2 * prec * rec / (prec + rec)
+        f1s.append(f1)
+        assert rep.loc[c, "precision"] == pytest.approx(prec)
+        assert rep.loc[c, "recall"] == pytest.approx(rec)
+        assert rep.loc[c, "f1"] == pytest.approx(f1)
+    assert rep.loc["macro_avg", "f1"] == pytest.approx(np.mean(f1s))
+    # report_dir, in memory; a missing truth column is an error naming the columns
+    annotate(state, adata, truth_key="truth", report_dir=tmp_path, silent=True)
+    assert (tmp_path / "annotate_report.csv").exists() and (tmp_path / "annotate_confusion.png").exists()
+    with pytest.raises(FileExistsError):
+        annotate(state, adata, truth_key="truth", report_dir=tmp_path, silent=True)
+    with pytest.raises(ValueError, match=r"truth_key 'nope' is not a column of adata.obs; available columns: \['cell_type', 'donor'"):
+        annotate(state, adata, truth_key="nope", silent=True)
+
+
+def test_ginseng_dataset_input(adata, state, tmp_path):
+    data = pytest.importorskip("ginseng.data")
+    ds = data.GinsengDataset.create(tmp_path / "ds", adata, labels="cell_type", silent=True)
+    ref = annotate(state, adata, return_probs=True, silent=True).to_numpy()
+    table, probs = annotate(state, ds, return_probs=True, batch_size=16, silent=True)
+    np.testing.assert_allclose(probs.to_numpy(), ref, rtol=1e-5, atol=1e-7)
+    assert list(table.barcode) == [str(i) for i in range(N_CELLS)]
