@@ -545,6 +545,33 @@ def _read_labels(ds: h5py.Dataset) -> np.ndarray:
     return np.asarray(ds[()])
 
 
+def _check_consistency(path: Path, state: GinsengModelState) -> None:
+    """Catch a file whose parts disagree (edited or mixed up) before it mislabels cells."""
+    problems = []
+    if len(state.label_keys) != len(state.label_values):
+        problems.append(
+            f"{len(state.label_keys)} label_keys but {len(state.label_values)} label_values"
+        )
+    expected = {"features1": (state.n_genes, None), "head": (state.n_genes, state.n_classes)}
+    for layer, (rows, cols) in expected.items():
+        W = (
+            state.params.get(layer, {}).get("W")
+            if isinstance(state.params.get(layer), dict)
+            else None
+        )
+        if W is None or W.ndim != 2:
+            continue
+        if W.shape[0] != rows or (cols is not None and W.shape[1] != cols):
+            want = f"({rows}, {cols if cols is not None else '*'})"
+            problems.append(f"params/{layer}/W has shape {tuple(W.shape)}, expected {want}")
+    if problems:
+        msg = (
+            f"model file {str(path)!r} is inconsistent ({state.n_genes} genes, "
+            f"{state.n_classes} labels): " + "; ".join(problems)
+        )
+        raise ValueError(msg)
+
+
 def load_ginseng_state(filename: str | os.PathLike) -> GinsengModelState:
     """Load a Ginseng model state.
 
@@ -623,4 +650,5 @@ def load_ginseng_state(filename: str | os.PathLike) -> GinsengModelState:
     except (OSError, KeyError, RuntimeError) as err:
         msg = f"model file {str(path)!r} could not be read; it is truncated or corrupted: {err}"
         raise ValueError(msg) from err
+    _check_consistency(path, state)
     return state

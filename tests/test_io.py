@@ -2,6 +2,10 @@
 
 import gzip
 import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import anndata
 import h5py
@@ -380,3 +384,57 @@ def test_model_loaded_params_run(tmp_path):
     a = nn_annotate(state.params, jax.random.key(1), x, 0.0, True, 1e4, False, False)
     b = nn_annotate(loaded.params, jax.random.key(1), x, 0.0, True, 1e4, False, False)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_model_load_inconsistent_shapes(tmp_path):
+    path = tmp_path / "m.h5"
+    save_ginseng_state(make_state(), path)
+
+    def drop_a_gene(f):
+        genes = f["genes"].asstr()[()][:-1]
+        del f["genes"]
+        f.create_dataset("genes", data=genes, dtype=h5py.string_dtype("utf-8"))
+
+    _edit(path, drop_a_gene)
+    with pytest.raises(
+        ValueError,
+        match=r"inconsistent \(11 genes, 3 labels\): params/features1/W has shape \(12, 12\), expected \(11, \*\)",
+    ):
+        load_ginseng_state(path)
+
+
+_KILL_SCRIPT = """
+import sys
+import numpy as np
+from ginseng.io import save_ginseng_state
+from ginseng.state import GinsengModelState
+rng = np.random.default_rng(0)
+layer = lambda i, o: {"W": rng.standard_normal((i, o), dtype=np.float32), "b": np.zeros(o, np.float32)}
+params = {"features1": layer(300, 300), "features2": layer(300, 300), "head": layer(300, 4)}
+genes = np.array([f"G{i}" for i in range(300)])
+state = GinsengModelState(params, genes, np.arange(4), np.array(list("abcd")))
+save_ginseng_state(state, sys.argv[1], overwrite=True)
+print("ready", flush=True)
+while True:
+    save_ginseng_state(state, sys.argv[1], overwrite=True)
+"""
+
+
+def test_model_save_killed_mid_write_never_leaves_a_half_file(tmp_path):
+    # SIGKILL a process that keeps re-saving a model, at a random moment: the model file is
+    # complete (only a hidden temporary may be left behind). One kill keeps the test short.
+    path = tmp_path / "m.h5"
+    rng = np.random.default_rng(0)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILL_SCRIPT, str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],  # the repo root, so ginseng imports uninstalled
+    )
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(float(rng.uniform(0.02, 0.2)))
+    proc.kill()
+    proc.wait()
+    assert load_ginseng_state(path).n_genes == 300
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "m.h5"]
+    assert all(name.startswith(".m.h5.tmp-") for name in leftovers), leftovers
