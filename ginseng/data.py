@@ -24,6 +24,7 @@ import queue
 import threading
 import uuid
 import warnings
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -58,6 +59,8 @@ _WINDOW_ROWS = 16384
 # Memory used to permute rows while writing (the input is streamed once per buffer-full).
 _WRITE_BUFFER_BYTES = 512 << 20
 _READ_BLOCK_BYTES = 64 << 20
+# Whole-chunk reads the loader keeps in flight (~1 MB each at the default chunk size).
+_INFLIGHT_CHUNKS = 64
 
 
 def _codec() -> BloscCodec:
@@ -950,31 +953,65 @@ class BatchLoader:
                     continue
             return False
 
-        def issue(batches):
-            layouts = [self._batch_layout(plan, b) for b in batches]
-            want = np.concatenate([ds._rank[ix[m]] for ix, _, m in layouts])
-            rows = np.unique(want)
-            fut = ds._X.oindex[rows].read() if rows.size else None
-            return layouts, rows, fut
+        # Per group: its batch layouts, the sorted stored rows this process needs, their chunks.
+        infos = []
+        for g in groups:
+            layouts = [self._batch_layout(plan, b) for b in g]
+            rows = np.unique(np.concatenate([ds._rank[ix[m]] for ix, _, m in layouts]))
+            infos.append((layouts, rows, np.unique(rows // ds.chunk_rows)))
+        chunk_ids = iter([int(c) for _, _, chunks in infos for c in chunks])
+        n_cells, R = ds.n_cells, ds.chunk_rows
 
         def work():
+            # Whole-chunk reads (TensorStore decodes them concurrently on its own threads), kept
+            # _INFLIGHT_CHUNKS ahead of use across group boundaries: reading overlaps assembling
+            # and the consumer's step, and memory stays bounded whatever the dataset size.
+            inflight: deque = deque()
+
+            def refill():
+                while len(inflight) < _INFLIGHT_CHUNKS:
+                    c = next(chunk_ids, None)
+                    if c is None:
+                        return
+                    inflight.append(ds._X[c * R : min(n_cells, (c + 1) * R)].read())
+
             try:
-                pending = issue(groups[0]) if groups else None
-                for gi in range(len(groups)):
-                    layouts, rows, fut = pending
-                    # Issue the next group's read before decoding this one: reads overlap work.
-                    pending = issue(groups[gi + 1]) if gi + 1 < len(groups) else None
-                    data = fut.result() if fut is not None else None
+                for layouts, rows, chunks in infos:
+                    # A mostly-needed chunk is copied whole (a memcpy); a sparsely-needed one
+                    # contributes only its rows, so the buffer stays near the rows needed.
+                    bounds = np.searchsorted(rows, np.stack([chunks * R, (chunks + 1) * R]))
+                    pos = np.empty(rows.size, dtype=np.int64)
+                    spans = []
+                    base = 0
+                    for c, lo, hi in zip(chunks, bounds[0], bounds[1], strict=True):
+                        size = min(n_cells, (c + 1) * R) - c * R
+                        whole = 2 * (hi - lo) >= size
+                        pos[lo:hi] = base + (rows[lo:hi] - c * R if whole else np.arange(hi - lo))
+                        spans.append((c, lo, hi, base, whole))
+                        base += size if whole else hi - lo
+                    buf = np.empty((base, ds.n_genes), dtype=ds._X.dtype.numpy_dtype)
+                    for c, lo, hi, start, whole in spans:
+                        refill()
+                        arr = inflight.popleft().result()
+                        if whole:
+                            buf[start : start + arr.shape[0]] = arr
+                        else:
+                            buf[start : start + hi - lo] = arr[rows[lo:hi] - c * R]
+                    refill()
                     for index, slot, mask in layouts:
-                        x = np.zeros((self.local_rows, ds.n_genes), dtype=np.float32)
-                        y = np.zeros(self.local_rows, dtype=np.int32)
-                        if mask.any():
-                            loc = np.searchsorted(rows, ds._rank[index[mask]])
-                            x[mask] = data[loc]
-                            y[mask] = ds.labels[index[mask]]
+                        if mask.all():
+                            x = buf[pos[np.searchsorted(rows, ds._rank[index])]].astype(np.float32)
+                            y = ds.labels[index]
+                        else:
+                            x = np.zeros((self.local_rows, ds.n_genes), dtype=np.float32)
+                            y = np.zeros(self.local_rows, dtype=np.int32)
+                            if mask.any():
+                                real = index[mask]
+                                x[mask] = buf[pos[np.searchsorted(rows, ds._rank[real])]]
+                                y[mask] = ds.labels[real]
                         if not put(Batch(x, y, slot, mask, index)):
                             return
-                    del data
+                    del buf
                 put(done)
             except BaseException as exc:  # noqa: BLE001 -- re-raised in the consumer thread
                 put(exc)
