@@ -1,0 +1,697 @@
+"""Settings, logger and the data-parallel trainer.
+
+The train step is written once and jitted once. Params and optimizer state are replicated over a
+``jax.sharding.Mesh`` with one axis, ``"data"``, spanning every device of every process; each global
+batch is sharded over that axis. Inside ``jax.shard_map`` every device augments and classifies its
+rows with one PRNG key per cell (derived from the step and the cell's position in the GLOBAL batch,
+never from the device), sums the masked cross-entropy, takes gradients of that local sum, and the
+gradients, loss and cell counts are summed across ``"data"`` (an all-reduce) before dividing by the
+global number of real cells. The result therefore does not depend on how many devices or processes
+ran it, up to float summation order.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from jaxtyping import Array, Float, Int, PyTree
+from tqdm.auto import tqdm
+
+from ginseng._files import atomic_path
+from ginseng.augment import augment
+from ginseng.nn import nn_annotate, nn_annotate_init
+from ginseng.opt import opt_adam_update, opt_init_adam
+from ginseng.state import GinsengModelState
+
+__all__ = [
+    "GinsengLogger",
+    "GinsengModelState",
+    "GinsengTrainer",
+    "GinsengTrainerSettings",
+    "make_mesh",
+]
+
+DATA_AXIS = "data"
+
+# Fetch the running loss for the progress bar only this often: every fetch is a host sync.
+_PROGRESS_EVERY = 50
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+@dataclass
+class GinsengTrainerSettings:
+    """Training configuration settings for `GinsengTrainer`.
+
+    Every field is validated on construction; an invalid value raises ``ValueError`` naming the
+    field, what was expected and what was found.
+
+    Attributes
+    ----------
+    rate : float | None
+        Probability of randomly masking input counts (augmentation; None disables it).
+    lam_max : float | None
+        Maximum mean of Poisson distribution for randomly adding counts (None disables it).
+    lower : int | None
+        Minimum number of genes to randomly mask out (needs ``upper``).
+    upper : int | None
+        Maximum (exclusive) number of genes to randomly mask out (None disables gene dropping).
+    hidden_dim : int
+        Number of hidden dimensions.
+    dropout_rate : float
+        Dropout probability applied during training.
+    batch_size : int
+        Number of samples per training batch: the GLOBAL batch, split over all devices.
+    lr : float
+        Learning rate for Adam optimizer.
+    betas : tuple[float, float]
+        Exponential decay rates for first and second moment estimates for Adam optimizer.
+    eps : float
+        Numerical stability constant for Adam optimizer.
+    weight_decay : float
+        L2 regularization factor for Adam optimizer (decoupled).
+    normalize : bool
+        Whether to normalize the input count data.
+    target_sum : float | None
+        Target sum used for data normalization (None: the number of genes).
+    holdout_fraction : float
+        Fraction of the dataset to hold out for validation.
+    balance_train : bool
+        Whether to balance training samples across classes (rare labels are oversampled).
+    group_level : bool
+        Whether to hold out whole groups (e.g. donors) rather than cells.
+    group_mode : str
+        Strategy for holding out groups ('fraction' or 'loo').
+    seed : int
+        Random seed for reproducibility (holdout split, initialization, batch order, augmentation).
+    checkpoint_dir : str | None
+        Directory for checkpoints (None: no checkpoints).
+    checkpoint_every : int | None
+        Write a checkpoint every this many steps (one is also written at the end of every epoch).
+    """
+
+    # Augmentation
+    rate: float | None = None
+    lam_max: float | None = None
+    lower: int | None = None
+    upper: int | None = None
+
+    # Model
+    hidden_dim: int = 256
+    dropout_rate: float = 0.25
+
+    # Optimization
+    batch_size: int = 128
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+
+    # Data
+    normalize: bool = True
+    target_sum: float | None = 1e4
+    holdout_fraction: float = 0.2
+    balance_train: bool = True
+    group_level: bool = False
+    group_mode: str = "fraction"
+
+    # Randomness
+    seed: int = 1
+
+    # Checkpoints
+    checkpoint_dir: str | None = None
+    checkpoint_every: int | None = None
+
+    def __post_init__(self) -> None:
+        def fail(name, expected):
+            value = getattr(self, name)
+            msg = f"GinsengTrainerSettings.{name} must be {expected}, got {value!r}"
+            raise ValueError(msg)
+
+        def real(name, lo=None, hi=None, lo_open=False, hi_open=False, optional=False):
+            value = getattr(self, name)
+            if value is None and optional:
+                return
+            lo_s = "" if lo is None else (f"> {lo}" if lo_open else f">= {lo}")
+            hi_s = "" if hi is None else (f"< {hi}" if hi_open else f"<= {hi}")
+            expected = "a number " + " and ".join(s for s in (lo_s, hi_s) if s)
+            if optional:
+                expected += " or None"
+            if not _is_real(value) or not math.isfinite(float(value)):
+                fail(name, expected.strip())
+            v = float(value)
+            if lo is not None and (v <= lo if lo_open else v < lo):
+                fail(name, expected.strip())
+            if hi is not None and (v >= hi if hi_open else v > hi):
+                fail(name, expected.strip())
+
+        def integer(name, lo, optional=False):
+            value = getattr(self, name)
+            if value is None and optional:
+                return
+            if not _is_int(value) or value < lo:
+                fail(name, f"an integer >= {lo}" + (" or None" if optional else ""))
+
+        real("rate", 0.0, 1.0, hi_open=True, optional=True)
+        real("lam_max", 0.0, optional=True)
+        integer("lower", 0, optional=True)
+        integer("upper", 1, optional=True)
+        if self.lower is not None and self.upper is None:
+            msg = (
+                f"GinsengTrainerSettings.lower={self.lower} needs upper (the exclusive maximum "
+                "number of genes to drop), got upper=None"
+            )
+            raise ValueError(msg)
+        if self.upper is not None and self.lower is not None and not self.upper > self.lower:
+            msg = (
+                f"GinsengTrainerSettings.upper must be > lower, got lower={self.lower}, "
+                f"upper={self.upper}"
+            )
+            raise ValueError(msg)
+        integer("hidden_dim", 1)
+        real("dropout_rate", 0.0, 1.0, hi_open=True)
+        integer("batch_size", 1)
+        real("lr", 0.0, lo_open=True)
+        if isinstance(self.betas, list):  # Hydra/YAML give lists
+            self.betas = tuple(self.betas)
+        if (
+            not isinstance(self.betas, tuple)
+            or len(self.betas) != 2
+            or not all(_is_real(b) and 0.0 <= float(b) < 1.0 for b in self.betas)
+        ):
+            fail("betas", "a pair of numbers in [0, 1)")
+        self.betas = (float(self.betas[0]), float(self.betas[1]))
+        real("eps", 0.0, lo_open=True)
+        real("weight_decay", 0.0)
+        if not isinstance(self.normalize, (bool, np.bool_)):
+            fail("normalize", "True or False")
+        real("target_sum", 0.0, lo_open=True, optional=True)
+        real("holdout_fraction", 0.0, 1.0, lo_open=True, hi_open=True)
+        for name in ("balance_train", "group_level"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                fail(name, "True or False")
+        if self.group_mode not in ("fraction", "loo"):
+            fail("group_mode", "'fraction' or 'loo'")
+        integer("seed", 0)
+        if self.checkpoint_dir is not None:
+            self.checkpoint_dir = str(self.checkpoint_dir)
+        integer("checkpoint_every", 1, optional=True)
+
+
+@dataclass
+class GinsengLogger:
+    """Logger for storing training and validation metrics across epochs.
+
+    Attributes
+    ----------
+    epoch : list[int]
+        List of epoch indices (0-based).
+    train_loss : list[float]
+        Training loss values for each epoch (mean over the epoch's cells).
+    holdout_loss : list[float]
+        Holdout loss values for each epoch (mean over holdout cells; NaN without a holdout).
+    holdout_accuracy : list[float]
+        Holdout accuracy values for each epoch (NaN without a holdout).
+    """
+
+    epoch: list[int] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    holdout_loss: list[float] = field(default_factory=list)
+    holdout_accuracy: list[float] = field(default_factory=list)
+
+    def update(self, epoch: int, train_loss: float, holdout_loss: float, holdout_accuracy: float) -> None:
+        """Update the logger with new training and validation metrics.
+
+        Parameters
+        ----------
+        epoch : int
+            Current epoch index.
+        train_loss : float
+            Training loss at this epoch.
+        holdout_loss : float
+            Validation loss at this epoch.
+        holdout_accuracy : float
+            Validation accuracy at this epoch.
+        """
+        self.epoch.append(int(epoch))
+        self.train_loss.append(float(train_loss))
+        self.holdout_loss.append(float(holdout_loss))
+        self.holdout_accuracy.append(float(holdout_accuracy))
+
+    def report(self, silent: bool = False, flush: bool = True) -> None:
+        """Print most recent result to standard output.
+
+        Parameters
+        ----------
+        silent : bool
+            If True, suppresses report output.
+        flush : bool
+            If True, write report to output immediately.
+
+        Returns
+        -------
+        None
+            Output is printed to standard output.
+        """
+        if silent or not self.epoch:
+            return
+        msg = (
+            f"[ginseng] epoch {self.epoch[-1] + 1} | train loss {self.train_loss[-1]:.4f} | "
+            f"holdout loss {self.holdout_loss[-1]:.4f} | "
+            f"holdout accuracy {self.holdout_accuracy[-1]:.4f}"
+        )
+        print(msg, flush=flush)
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """Return the history as a table with one row per epoch.
+
+        Returns
+        -------
+        pd.DataFrame
+            Columns ``epoch``, ``train_loss``, ``holdout_loss``, ``holdout_accuracy``.
+        """
+        return pd.DataFrame(
+            {
+                "epoch": np.asarray(self.epoch, dtype=np.int64),
+                "train_loss": np.asarray(self.train_loss, dtype=np.float64),
+                "holdout_loss": np.asarray(self.holdout_loss, dtype=np.float64),
+                "holdout_accuracy": np.asarray(self.holdout_accuracy, dtype=np.float64),
+            }
+        )
+
+    def save_csv(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write the history as CSV (atomically; an existing file needs ``overwrite=True``).
+
+        Parameters
+        ----------
+        path : str | PathLike
+            Destination file.
+        overwrite : bool
+            Replace an existing file.
+
+        Returns
+        -------
+        Path
+            The written file.
+        """
+        with atomic_path(path, overwrite=overwrite, what="metrics file") as tmp:
+            self.to_dataframe().to_csv(tmp, index=False)
+        return Path(path)
+
+    def plot(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Plot the training curves (losses and holdout accuracy per epoch) to an image file.
+
+        Parameters
+        ----------
+        path : str | PathLike
+            Destination image (format from the suffix, e.g. ``.png``).
+        overwrite : bool
+            Replace an existing file.
+
+        Returns
+        -------
+        Path
+            The written file.
+        """
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        path = Path(path)
+        epochs = np.asarray(self.epoch) + 1
+        fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
+        ax_loss.plot(epochs, self.train_loss, marker="o", label="train")
+        ax_loss.plot(epochs, self.holdout_loss, marker="o", label="holdout")
+        ax_loss.set_xlabel("epoch")
+        ax_loss.set_ylabel("cross-entropy")
+        ax_loss.legend()
+        ax_acc.plot(epochs, self.holdout_accuracy, marker="o", color="C2")
+        ax_acc.set_xlabel("epoch")
+        ax_acc.set_ylabel("holdout accuracy")
+        ax_acc.set_ylim(0.0, 1.0)
+        fig.tight_layout()
+        try:
+            with atomic_path(path, overwrite=overwrite, what="plot") as tmp:
+                fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=100)
+        finally:
+            plt.close(fig)
+        return path
+
+
+# --------------------------------------------------------------------------------------------
+# The sharded step
+# --------------------------------------------------------------------------------------------
+
+
+def make_mesh(devices=None) -> Mesh:
+    """A 1-D mesh with axis ``"data"`` over ``devices`` (default: every device of every process).
+
+    Devices are ordered by process, so process ``p``'s rows of a global batch are one contiguous
+    block, which is what ``jax.make_array_from_process_local_data`` expects.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if not devices:
+        msg = "devices must list at least one device, got an empty list"
+        raise ValueError(msg)
+    devices.sort(key=lambda d: (d.process_index, d.id))
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where this process sits in the mesh."""
+
+    process_index: int  # position of this process among the mesh's processes
+    process_count: int
+    local_devices: int  # mesh devices owned by this process
+
+
+def _layout(mesh: Mesh) -> _Layout:
+    devs = list(mesh.devices.flat)
+    procs = sorted({d.process_index for d in devs})
+    me = jax.process_index()
+    if me not in procs:
+        msg = f"this process ({me}) owns none of the {len(devs)} devices given to the trainer"
+        raise ValueError(msg)
+    per_proc = {p: sum(d.process_index == p for d in devs) for p in procs}
+    if len(set(per_proc.values())) != 1:
+        msg = f"every process must bring the same number of devices, got {per_proc} (process: devices)"
+        raise ValueError(msg)
+    return _Layout(procs.index(me), len(procs), per_proc[me])
+
+
+def _cross_entropy(logits: Float[Array, "*cells classes"], y: Int[Array, "*cells"]) -> Float[Array, "*cells"]:
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.take_along_axis(log_probs, y[..., None], axis=-1)[..., 0]
+
+
+def _cell_keys(key: Array, step: Int[Array, ""], slot: Int[Array, " cells"]) -> Array:
+    # Keyed by the global step and the cell's position in the GLOBAL batch, never by the device.
+    step_key = jax.random.fold_in(key, step)
+    return jax.vmap(lambda s: jax.random.fold_in(step_key, s))(slot)
+
+
+# Fields that shape the compiled computations. Steps are cached on them and on the mesh, so that
+# training again with the same settings (tests, sweeps, resumes) reuses the compiled step.
+_STEP_FIELDS = (
+    "rate", "lam_max", "lower", "upper", "hidden_dim", "dropout_rate", "lr", "betas", "eps",
+    "weight_decay", "normalize", "target_sum",
+)
+
+
+def _step_key(settings: GinsengTrainerSettings) -> tuple:
+    return tuple(getattr(settings, f) for f in _STEP_FIELDS)
+
+
+def _build_train_step(settings: GinsengTrainerSettings, mesh: Mesh):
+    return _cached_train_step(_step_key(settings), mesh)
+
+
+def _build_eval_step(settings: GinsengTrainerSettings, mesh: Mesh):
+    return _cached_eval_step(_step_key(settings), mesh)
+
+
+def _build_init(settings: GinsengTrainerSettings, mesh: Mesh, n_genes: int, n_classes: int):
+    return _cached_init(settings.hidden_dim, mesh, int(n_genes), int(n_classes))
+
+
+def _settings_from_key(key: tuple) -> GinsengTrainerSettings:
+    return GinsengTrainerSettings(**dict(zip(_STEP_FIELDS, key)))
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_train_step(key: tuple, mesh: Mesh):
+    """Jitted ``step(params, opt_state, metrics, key, x, y, slot, mask) -> (params, opt_state, metrics)``.
+
+    ``metrics`` is a float32 ``[loss_sum, n_cells]`` accumulated on device, so that the host need not
+    fetch anything per step. params, opt_state and metrics are donated.
+    """
+    s = _settings_from_key(key)
+
+    def cell_loss(params, key, x, y):
+        k_aug, k_nn = jax.random.split(key)
+        x = augment(k_aug, x, s.rate, s.lam_max, s.lower, s.upper)
+        logits = nn_annotate(
+            params, k_nn, x, dropout_rate=s.dropout_rate, normalize=s.normalize,
+            target_sum=s.target_sum, training=True,
+        )
+        return _cross_entropy(logits, y)
+
+    def local_step(params, opt_state, metrics, key, x, y, slot, mask):
+        keys = _cell_keys(key, opt_state.step, slot)
+        # Padding rows are zero counts (finite everywhere), and masked out of the sum.
+        x = jnp.where(mask[:, None], x, 0.0)
+
+        def local_loss(p):
+            losses = jax.vmap(cell_loss, in_axes=(None, 0, 0, 0))(p, keys, x, y)
+            return jnp.sum(jnp.where(mask, losses, 0.0))
+
+        loss_sum, grads = jax.value_and_grad(local_loss)(params)
+        count = jnp.sum(mask.astype(jnp.float32))
+        grads, loss_sum, count = jax.lax.psum((grads, loss_sum, count), DATA_AXIS)
+        grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
+        params, opt_state = opt_adam_update(
+            grads, params, opt_state, lr=s.lr, betas=s.betas, eps=s.eps, weight_decay=s.weight_decay
+        )
+        return params, opt_state, metrics + jnp.stack([loss_sum, count])
+
+    rep, dat = P(), P(DATA_AXIS)
+    sharded = jax.shard_map(
+        local_step,
+        mesh=mesh,
+        in_specs=(rep, rep, rep, rep, dat, dat, dat, dat),
+        out_specs=(rep, rep, rep),
+    )
+    return jax.jit(sharded, donate_argnums=(0, 1, 2))
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_eval_step(key: tuple, mesh: Mesh):
+    """Jitted ``step(params, metrics, x, y, mask) -> metrics``; metrics = [loss_sum, correct, count]."""
+    s = _settings_from_key(key)
+
+    def local_step(params, metrics, x, y, mask):
+        x = jnp.where(mask[:, None], x, 0.0)
+        logits = nn_annotate(
+            params, jax.random.key(0), x, dropout_rate=s.dropout_rate, normalize=s.normalize,
+            target_sum=s.target_sum, training=False,
+        )
+        losses = _cross_entropy(logits, y)
+        loss_sum = jnp.sum(jnp.where(mask, losses, 0.0))
+        correct = jnp.sum(jnp.where(mask, jnp.argmax(logits, axis=-1) == y, False).astype(jnp.float32))
+        count = jnp.sum(mask.astype(jnp.float32))
+        return metrics + jax.lax.psum(jnp.stack([loss_sum, correct, count]), DATA_AXIS)
+
+    rep, dat = P(), P(DATA_AXIS)
+    sharded = jax.shard_map(
+        local_step, mesh=mesh, in_specs=(rep, rep, dat, dat, dat), out_specs=rep
+    )
+    return jax.jit(sharded, donate_argnums=(1,))
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_init(hidden_dim: int, mesh: Mesh, n_genes: int, n_classes: int):
+    """Jitted ``init(key) -> (params, opt_state)``, created directly replicated on every device."""
+
+    def init(key):
+        params = nn_annotate_init(key, n_genes, n_classes, hidden_dim)
+        return params, opt_init_adam(params)
+
+    return jax.jit(init, out_shardings=NamedSharding(mesh, P()))
+
+
+def _global_arrays(batch, mesh: Mesh, global_rows: int) -> tuple[Array, Array, Array, Array]:
+    """Assemble the global (x, y, slot, mask) arrays from this process's rows of the batch."""
+    sharding = NamedSharding(mesh, P(DATA_AXIS))
+    x = np.asarray(batch.x, dtype=np.float32)
+    return (
+        jax.make_array_from_process_local_data(sharding, x, (global_rows, x.shape[1])),
+        jax.make_array_from_process_local_data(sharding, np.asarray(batch.y, np.int32), (global_rows,)),
+        jax.make_array_from_process_local_data(sharding, np.asarray(batch.slot, np.int32), (global_rows,)),
+        jax.make_array_from_process_local_data(sharding, np.asarray(batch.mask, bool), (global_rows,)),
+    )
+
+
+def _to_host(tree: PyTree) -> PyTree:
+    """Copy a replicated pytree to host numpy (each process holds a full copy)."""
+    return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), tree)
+
+
+def _replicate(tree: PyTree, mesh: Mesh) -> PyTree:
+    """Place host values on every device of the mesh (every process passes the same values)."""
+    sharding = NamedSharding(mesh, P())
+    return jax.tree.map(
+        lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a), np.shape(a)), tree
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The trainer
+# --------------------------------------------------------------------------------------------
+
+
+def _open_dataset(dataset):
+    if isinstance(dataset, (str, os.PathLike)):
+        from ginseng.data import GinsengDataset
+
+        return GinsengDataset(dataset)
+    # Duck-typed: anything with the GinsengDataset loader interface trains (tests use in-memory ones).
+    if not all(hasattr(dataset, a) for a in ("loader", "make_holdout", "n_genes", "n_labels")):
+        msg = f"dataset must be a GinsengDataset or the path to one, got {type(dataset).__name__}"
+        raise TypeError(msg)
+    return dataset
+
+
+def _prepare_holdout(dataset, settings: GinsengTrainerSettings):
+    """Make the (deterministic, seeded) holdout split on process 0 and share it with the others."""
+    from ginseng import distributed
+
+    if jax.process_index() == 0:
+        dataset.make_holdout(
+            holdout_fraction=settings.holdout_fraction,
+            rng=np.random.default_rng(settings.seed),
+            group_level=settings.group_level,
+            group_mode=settings.group_mode,
+        )
+    if jax.process_count() > 1:
+        distributed.barrier("ginseng_holdout")
+        if jax.process_index() != 0:
+            dataset = type(dataset)(dataset.path)  # re-read the split process 0 persisted
+    return dataset
+
+
+def GinsengTrainer(
+    dataset,
+    settings: GinsengTrainerSettings | None = None,
+    epochs: int = 10,
+    silent: bool = False,
+    *,
+    devices=None,
+) -> tuple[GinsengLogger, GinsengModelState]:
+    """Train a neural network classifier on a `GinsengDataset`, data-parallel over all devices.
+
+    Parameters
+    ----------
+    dataset : GinsengDataset | str
+        GinsengDataset or path to GinsengDataset.
+    settings : GinsengTrainerSettings
+        Training configuration including model, optimization, and augmentation parameters
+        (default: ``GinsengTrainerSettings()``).
+    epochs : int
+        Number of training epochs to run.
+    silent : bool
+        If True, suppresses training progress output (only process 0 ever prints).
+    devices : sequence of jax.Device, optional
+        Devices to train on. Default: ``jax.devices()``, i.e. every device of every process once
+        ``jax.distributed`` is initialized (see :mod:`ginseng.distributed`).
+
+    Returns
+    -------
+    logger : GinsengLogger
+        Training log with loss and accuracy metrics across epochs.
+    state : GinsengModelState
+        Final trained model state including parameters (host numpy arrays) and metadata.
+    """
+    settings = GinsengTrainerSettings() if settings is None else settings
+    if not isinstance(settings, GinsengTrainerSettings):
+        msg = f"settings must be a GinsengTrainerSettings, got {type(settings).__name__}"
+        raise TypeError(msg)
+    if not _is_int(epochs) or epochs < 1:
+        msg = f"epochs must be an integer >= 1, got {epochs!r}"
+        raise ValueError(msg)
+    main = jax.process_index() == 0
+    verbose = main and not silent
+
+    dataset = _open_dataset(dataset)
+    mesh = make_mesh(devices)
+    layout = _layout(mesh)
+    dataset = _prepare_holdout(dataset, settings)
+
+    loader_kwargs = {
+        "batch_size": settings.batch_size, "seed": settings.seed, "pad_multiple": layout.local_devices,
+        "process_index": layout.process_index, "process_count": layout.process_count,
+    }
+    train_loader = dataset.loader(
+        split="train", shuffle=True, balance=settings.balance_train, **loader_kwargs
+    )
+    n_holdout = len(dataset.holdout_indices)
+    holdout_loader = (
+        dataset.loader(split="holdout", shuffle=False, balance=False, **loader_kwargs)
+        if n_holdout > 0
+        else None
+    )
+    if holdout_loader is None and main:
+        warnings.warn(
+            "the dataset has no holdout cells: holdout loss and accuracy are logged as NaN",
+            stacklevel=2,
+        )
+
+    init_key, train_key = jax.random.split(jax.random.key(settings.seed))
+    params, opt_state = _build_init(settings, mesh, dataset.n_genes, dataset.n_labels)(init_key)
+    train_key = _replicate(jax.random.key_data(train_key), mesh)
+    train_key = jax.random.wrap_key_data(train_key)
+    train_step = _build_train_step(settings, mesh)
+    eval_step = _build_eval_step(settings, mesh)
+    logger = GinsengLogger()
+
+    for epoch in range(epochs):
+        metrics = _replicate(np.zeros(2, np.float32), mesh)
+        with tqdm(
+            total=train_loader.num_batches,
+            desc=f"[ginseng] epoch {epoch + 1}/{epochs}",
+            unit="step",
+            disable=not verbose,
+        ) as bar:
+            for i, batch in enumerate(train_loader.epoch(epoch)):
+                x, y, slot, mask = _global_arrays(batch, mesh, train_loader.global_batch)
+                params, opt_state, metrics = train_step(
+                    params, opt_state, metrics, train_key, x, y, slot, mask
+                )
+                bar.update(1)
+                if verbose and (i + 1) % _PROGRESS_EVERY == 0:
+                    total, count = _to_host(metrics)
+                    bar.set_postfix(loss=f"{total / max(count, 1.0):.4f}")
+        total, count = _to_host(metrics)
+        train_loss = float(total / count) if count > 0 else float("nan")
+
+        holdout_loss = holdout_acc = float("nan")
+        if holdout_loader is not None:
+            ev = _replicate(np.zeros(3, np.float32), mesh)
+            for batch in holdout_loader.epoch(0):
+                x, y, _, mask = _global_arrays(batch, mesh, holdout_loader.global_batch)
+                ev = eval_step(params, ev, x, y, mask)
+            loss_sum, correct, count = _to_host(ev)
+            if count > 0:
+                holdout_loss, holdout_acc = float(loss_sum / count), float(correct / count)
+        logger.update(epoch, train_loss, holdout_loss, holdout_acc)
+        logger.report(silent=not verbose)
+
+    state = GinsengModelState(
+        params=_to_host(params),
+        genes=np.asarray(dataset.genes),
+        label_keys=np.asarray(dataset.label_keys),
+        label_values=np.asarray(dataset.label_values),
+        normalize=settings.normalize,
+        target_sum=settings.target_sum,
+        dropout_rate=settings.dropout_rate,
+        training=False,
+    )
+    return logger, state
