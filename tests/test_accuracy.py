@@ -1,0 +1,58 @@
+"""Accuracy on real data (issue 2), default GinsengTrainerSettings, 2,000 HVGs of the training cells.
+
+Slow (each case trains a model on real data): run with ``python -m pytest -q -m slow
+tests/test_accuracy.py``. The full figures over several seeds, with the logistic-regression anchor,
+come from benchmarks/bench_accuracy.py and are recorded in benchmarks/RESULTS.md.
+"""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import bench_accuracy as ba  # noqa: E402
+
+from ginseng.train import GinsengTrainerSettings  # noqa: E402
+
+
+def test_macro_f1_matches_hand_computation():
+    truth = np.array(["a", "a", "b", "b", "c"])
+    pred = np.array(["a", "b", "b", "b", "a"])
+    # a: tp1 fp1 fn1 -> 0.5 ; b: tp2 fp1 fn0 -> 0.8 ; c: tp0 fp0 fn1 -> 0
+    assert ba.macro_f1(truth, pred) == pytest.approx((0.5 + 0.8 + 0.0) / 3)
+    assert ba.macro_f1(truth, truth) == 1.0
+
+
+def test_stratified_holdout_is_per_label_seeded_and_disjoint():
+    labels = np.array(["x"] * 50 + ["y"] * 10 + ["z"] * 2)
+    train, test = ba.stratified_holdout(labels, 0.2, seed=3)
+    assert np.intersect1d(train, test).size == 0
+    assert np.union1d(train, test).size == labels.size
+    counts = {k: int(np.sum(labels[test] == k)) for k in "xyz"}
+    assert counts == {"x": 10, "y": 2, "z": 1}  # every label keeps at least one test cell
+    again, _ = ba.stratified_holdout(labels, 0.2, seed=3)
+    other, _ = ba.stratified_holdout(labels, 0.2, seed=4)
+    assert np.array_equal(train, again) and not np.array_equal(train, other)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("balance", [True, False])
+def test_pbmc3k_holdout_macro_f1(tmp_path, balance):
+    train, test = ba.pbmc3k_split(seed=0)
+    assert int(train.var["ginseng_genes"].sum()) == ba.N_HVG
+    settings = GinsengTrainerSettings(balance_train=balance)
+    f1 = ba.run_ginseng(train, test, settings, epochs=10, workdir=tmp_path)
+    assert f1 >= ba.TARGETS["pbmc3k"], f"pbmc3k macro-F1 {f1:.3f} < {ba.TARGETS['pbmc3k']}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("balance", [True, False])
+def test_baron_mouse1_to_mouse2_macro_f1(tmp_path, balance):
+    train, test = ba.baron_split()
+    assert set(test.obs["cell_type"].astype(str)) <= set(train.obs["cell_type"].astype(str))
+    settings = GinsengTrainerSettings(balance_train=balance)
+    f1 = ba.run_ginseng(train, test, settings, epochs=10, workdir=tmp_path)
+    assert f1 >= ba.TARGETS["baron"], f"baron macro-F1 {f1:.3f} < {ba.TARGETS['baron']}"
