@@ -38,7 +38,9 @@ def synthetic_counts(n_cells, n_genes, n_labels, seed=0, block=20000):
         e = min(n_cells, s + block)
         lib = rng.lognormal(0.0, 0.5, e - s)[:, None]
         mu = base[None, :] * program[labels[s:e]] * lib
-        X[s:e] = np.minimum(rng.negative_binomial(2.0, 2.0 / (2.0 + mu)), 65535)
+        # NB(r=2) as a gamma-Poisson mixture: the same law, several times faster to sample.
+        lam = mu * rng.standard_gamma(2.0, mu.shape) / 2.0
+        X[s:e] = np.minimum(rng.poisson(lam), 65535)
     return X, labels
 
 

@@ -49,8 +49,9 @@ GROUP_MODES = ("fraction", "loo")
 # Chosen by measurement (40k x 2,000 NB counts, ~17-27 % non-zero, 2 cores): blosc-lz4 with
 # bit-shuffle stores uint16 counts at ~13 % of their raw size and decodes at ~600k cells/s with
 # concurrent whole-chunk reads; zstd is ~2x slower to decode for a similar size, no codec is 8x
-# larger on disk. ~1 MB (uncompressed) row chunks were the fastest for random-order reads.
-_TARGET_CHUNK_BYTES = 1 << 20
+# larger on disk. For shuffled epochs of 200k x 2,000 (loader, 2 busy cores) 1-4 MB row chunks
+# beat 0.5 MB ones by ~1.3x; 2 MB keeps single-row reads (get_batch) cheap enough.
+_TARGET_CHUNK_BYTES = 2 << 20
 _MIN_CHUNK_ROWS = 16
 _MAX_CHUNK_ROWS = 8192
 # Rows shuffled together by the loader's buffer shuffle (a window of whole chunks). Part of the
@@ -59,8 +60,8 @@ _WINDOW_ROWS = 16384
 # Memory used to permute rows while writing (the input is streamed once per buffer-full).
 _WRITE_BUFFER_BYTES = 512 << 20
 _READ_BLOCK_BYTES = 64 << 20
-# Whole-chunk reads the loader keeps in flight (~1 MB each at the default chunk size).
-_INFLIGHT_CHUNKS = 64
+# Decoded bytes of whole-chunk reads the loader keeps in flight (bounded memory, enough overlap).
+_INFLIGHT_BYTES = 64 << 20
 
 
 def _codec() -> BloscCodec:
@@ -961,15 +962,18 @@ class BatchLoader:
             infos.append((layouts, rows, np.unique(rows // ds.chunk_rows)))
         chunk_ids = iter([int(c) for _, _, chunks in infos for c in chunks])
         n_cells, R = ds.n_cells, ds.chunk_rows
+        max_inflight = max(
+            4, _INFLIGHT_BYTES // max(1, R * ds.n_genes * ds._X.dtype.numpy_dtype.itemsize)
+        )
 
         def work():
             # Whole-chunk reads (TensorStore decodes them concurrently on its own threads), kept
-            # _INFLIGHT_CHUNKS ahead of use across group boundaries: reading overlaps assembling
+            # _INFLIGHT_BYTES ahead of use across group boundaries: reading overlaps assembling
             # and the consumer's step, and memory stays bounded whatever the dataset size.
             inflight: deque = deque()
 
             def refill():
-                while len(inflight) < _INFLIGHT_CHUNKS:
+                while len(inflight) < max_inflight:
                     c = next(chunk_ids, None)
                     if c is None:
                         return
