@@ -315,3 +315,37 @@ def test_trainer_refuses_bad_arguments(kwargs, error, match):
 def test_trainer_refuses_non_dataset():
     with pytest.raises(TypeError, match="GinsengDataset or the path to one, got int"):
         GinsengTrainer(3)
+
+
+# ------------------------------------------------------------------------------------------
+# on a real GinsengDataset (zarr store read through TensorStore)
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def store(tmp_path):
+    from conftest import make_counts
+
+    from ginseng.data import GinsengDataset
+
+    adata = make_counts(n_cells=150, n_genes=N_GENES, n_labels=N_CLASSES, seed=3)
+    GinsengDataset.create(tmp_path / "ds.zarr", adata, "cell_type", chunk_size=32, silent=True)
+    return tmp_path / "ds.zarr"
+
+
+def test_trainer_on_dataset_path_one_vs_four_devices(store):
+    # 150 cells, holdout 3 labels x int(min_count*0.2); batch 10 with balance: a partial last batch.
+    log1, s1 = GinsengTrainer(str(store), RUN, epochs=2, silent=True, devices=jax.devices()[:1])
+    log4, s4 = GinsengTrainer(store, RUN, epochs=2, silent=True)
+    log4b, s4b = GinsengTrainer(store, RUN, epochs=2, silent=True)
+    assert _max_diff(s1.params, s4.params) <= 1e-3
+    assert _identical(s4.params, s4b.params)
+    assert log4.to_dataframe().equals(log4b.to_dataframe())
+    np.testing.assert_allclose(log1.holdout_loss, log4.holdout_loss, rtol=1e-3)
+    from ginseng.data import GinsengDataset
+
+    ds = GinsengDataset(store)
+    assert ds.has_holdout() and len(ds.holdout_indices) > 0
+    assert list(s4.genes) == list(ds.genes)
+    assert list(s4.label_values) == ["type_0", "type_1", "type_2"]
+    assert np.all(np.isfinite(log4.holdout_loss))
