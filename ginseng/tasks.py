@@ -14,7 +14,6 @@ prints, the others wait at barriers.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import io
 import os
@@ -28,7 +27,7 @@ import yaml
 from omegaconf import DictConfig
 
 from ginseng._files import atomic_path, check_writable_target
-from ginseng.config import GinsengConfig, GeneSelection, Task, to_object, to_trainer_settings
+from ginseng.config import GeneSelection, GinsengConfig, Task, to_object, to_trainer_settings
 
 __all__ = [
     "PreparedData",
@@ -182,7 +181,7 @@ def stratified_split(labels, fraction: float, seed: int = 0) -> tuple[np.ndarray
     test = []
     for value in np.unique(labels):
         idx = np.flatnonzero(labels == value)
-        n_test = min(int(round(len(idx) * fraction)), len(idx) - 1)
+        n_test = min(round(len(idx) * fraction), len(idx) - 1)
         if n_test > 0:
             test.append(rng.permutation(idx)[:n_test])
     test_idx = np.sort(np.concatenate(test)).astype(np.int64) if test else np.zeros(0, np.int64)
@@ -373,48 +372,41 @@ def _call_supported(fn, *args, **kwargs):
     return fn(*args, **kwargs)
 
 
-def _evaluate_test(conf: GinsengConfig, prepared: PreparedData, state) -> tuple[pd.DataFrame, pd.DataFrame, float]:
-    """Annotate the test cells with the trained model; return predictions, report, macro-F1."""
-    import jax
+def _evaluate_test(
+    conf: GinsengConfig, prepared: PreparedData, state, output: Path
+) -> tuple[pd.DataFrame, float] | None:
+    """Annotate the test cells into ``output``; on process 0 return the report and macro-F1.
 
+    Every process takes part (annotate shards the cells over all devices of all processes);
+    process 0 writes the table (barcode, cell_type, confidence) and, beside it, annotate's
+    per-class report and confusion matrix.
+    """
     from ginseng.annotate import annotate
 
     test = _subset(prepared.adata, prepared.test_indices, conf.data.layer)
-    truth = test.obs[conf.data.labels].astype(str).to_numpy()
-    # Only process 0 evaluates: keep the forward pass on its own devices so that no collective
-    # waits for processes that are not taking part.
-    _call_supported(
-        annotate,
+    annotate(
         state,
         test,
         gene_key=conf.data.gene_key,
         batch_size=conf.annotate.batch_size,
-        devices=jax.local_devices(),
+        output=str(output),
+        overwrite=conf.overwrite,
+        truth_key=conf.data.labels,
         silent=True,
     )
-    predicted = test.obs["ginseng_cell_type"].astype(str).to_numpy()
-    predictions = pd.DataFrame(
-        {
-            "barcode": np.asarray(test.obs_names, dtype=str),
-            "truth": truth,
-            "predicted": predicted,
-            "confidence": np.asarray(test.obs["ginseng_confidence"], dtype=float),
-        }
-    )
-    report, macro_f1 = classification_report(truth, predicted)
-    return predictions, report, macro_f1
-
-
-def _save_logger(logger, method: str, path: Path, overwrite: bool) -> None:
-    """Write a logger output through a temporary name that keeps the file's extension."""
-    check_writable_target(path, overwrite=overwrite, what=path.name)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        getattr(logger, method)(tmp)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+    _barrier("ginseng-test-annotated")
+    if not _is_main():
+        return None
+    table = pd.read_csv(output, dtype={"barcode": str, "cell_type": str})
+    barcodes = np.asarray(test.obs_names, dtype=str)
+    if len(table) != len(barcodes) or not np.array_equal(table["barcode"].to_numpy(str), barcodes):
+        msg = (
+            f"the annotation table {str(output)!r} has {len(table)} rows that do not match the "
+            f"{len(barcodes)} test cells in order"
+        )
+        raise RuntimeError(msg)
+    truth = test.obs[conf.data.labels].astype(str).to_numpy()
+    return classification_report(truth, table["cell_type"].to_numpy(str))
 
 
 def run_train(conf: GinsengConfig, workdir: str | os.PathLike) -> TrainResult:
@@ -422,7 +414,9 @@ def run_train(conf: GinsengConfig, workdir: str | os.PathLike) -> TrainResult:
 
     Writes into ``workdir`` (process 0 only): ``model.h5``, ``metrics.csv`` (per-epoch train
     loss, holdout loss and accuracy), ``training_curve.png``, and when there are test cells
-    ``test_report.csv`` (per-class precision, recall, F1) and ``test_predictions.csv``.
+    ``test_predictions.csv`` (barcode, cell_type, confidence; with annotate's report and
+    confusion matrix beside it) and ``test_report.csv`` (per-class precision, recall, F1 over
+    the union of true and predicted labels, whose mean is the macro-F1 printed).
     Checkpoints go to ``<workdir>/checkpoints`` unless configured otherwise.
     """
     from ginseng.io import save_ginseng_state
@@ -455,17 +449,19 @@ def run_train(conf: GinsengConfig, workdir: str | os.PathLike) -> TrainResult:
     macro_f1, report = None, None
     if _is_main():
         save_ginseng_state(state, files["model"], overwrite=conf.overwrite)
-        _save_logger(logger, "save_csv", files["metrics"], conf.overwrite)
-        _save_logger(logger, "plot", files["curve"], conf.overwrite)
-        if len(prepared.test_indices):
-            predictions, report, macro_f1 = _evaluate_test(conf, prepared, state)
+        logger.save_csv(files["metrics"], overwrite=conf.overwrite)
+        logger.plot(files["curve"], overwrite=conf.overwrite)
+    if len(prepared.test_indices):
+        evaluated = _evaluate_test(conf, prepared, state, files["predictions"])
+        if evaluated is not None:
+            report, macro_f1 = evaluated
             _write_csv(report, files["report"], conf.overwrite)
-            _write_csv(predictions, files["predictions"], conf.overwrite)
             buf = io.StringIO()
             buf.write(f"Test cells ({len(prepared.test_indices)}, never trained on):\n")
             buf.write(report.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
             buf.write(f"\nmacro-F1: {macro_f1:.4f}")
             _say(conf, buf.getvalue())
+    if _is_main():
         _say(conf, f"Wrote {files['model']}, {files['metrics'].name}, {files['curve'].name}")
     _barrier("ginseng-train-outputs")
     return TrainResult(logger, state, macro_f1, report, files)
