@@ -44,6 +44,43 @@ def loader(a):
                 create_s=create_s)
 
 
+def ceiling(n_genes, n_classes, batch_size, n_steps=50):
+    """The reference's jitted train step (as its GinsengTrainer builds it) alone on one in-memory
+    batch: the compute ceiling of the reference's model code on this machine."""
+    import jax
+    import jax.numpy as jnp
+    from ginseng.nn import nn_annotate_init, nn_annotate_loss
+    from ginseng.opt import opt_adam_update, opt_init_adam
+    from ginseng.train import GinsengTrainerSettings
+
+    s = GinsengTrainerSettings(batch_size=batch_size, hidden_dim=256, balance_train=False)
+
+    @jax.jit
+    def step(params, opt_state, key, x, y):
+        loss, grads = jax.value_and_grad(nn_annotate_loss)(
+            params, key, x, y, dropout_rate=s.dropout_rate, normalize=s.normalize,
+            target_sum=s.target_sum, training=True)
+        params, opt_state = opt_adam_update(grads, params, opt_state, lr=s.lr, eps=s.eps,
+                                            betas=s.betas, weight_decay=s.weight_decay)
+        return params, opt_state, loss
+
+    key = jax.random.key(0)
+    params = nn_annotate_init(key, n_genes=n_genes, n_classes=n_classes, hidden_dim=256)
+    opt_state = opt_init_adam(params)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.poisson(0.5, (batch_size, n_genes)).astype(np.float32))
+    y = jnp.asarray(rng.integers(0, n_classes, batch_size).astype(np.int32))
+    for _ in range(3):
+        params, opt_state, loss = step(params, opt_state, key, x, y)
+    loss.block_until_ready()
+    t0 = time.perf_counter()
+    for _ in range(n_steps):
+        key, sub = jax.random.split(key)
+        params, opt_state, loss = step(params, opt_state, sub, x, y)
+    loss.block_until_ready()
+    return n_steps * batch_size / (time.perf_counter() - t0)
+
+
 def train(a):
     from ginseng import train as T
     from ginseng.data import GinsengDataset
@@ -69,11 +106,12 @@ def train(a):
     wall = time.perf_counter() - t0
     ds = GinsengDataset(work)
     n_train = len(ds.train_indices)
+    ceil = ceiling(ds.n_genes, ds.n_labels, a.batch_size)
     epoch_s = np.diff([t0] + stamps)
     steady = epoch_s[1:] if len(epoch_s) > 1 else epoch_s
     return dict(tool="ginseng 0.1.4", task="train", train_cells=n_train, epochs=a.epochs,
                 epoch_s=epoch_s.tolist(), wall_s=wall,
-                cells_per_s=n_train / float(np.mean(steady)),
+                cells_per_s=n_train / float(np.mean(steady)), ceiling_cells_per_s=ceil,
                 holdout_accuracy=float(logger.holdout_accuracy[-1]))
 
 
