@@ -464,7 +464,12 @@ def _cached_train_step(key: tuple, mesh: Mesh):
             losses = jax.vmap(cell_loss, in_axes=(None, 0, 0, 0))(p, keys, x, y)
             return jnp.sum(jnp.where(mask, losses, 0.0))
 
-        loss_sum, grads = jax.value_and_grad(local_loss)(params)
+        # Differentiate with respect to a per-device ("varying") copy of the replicated params:
+        # these are this device's gradients, summed explicitly below. (Differentiating the
+        # replicated params directly would make autodiff insert that sum itself, and a second
+        # psum would then scale the gradients by the device count.)
+        local_params = jax.lax.pcast(params, DATA_AXIS, to="varying")
+        loss_sum, grads = jax.value_and_grad(local_loss)(local_params)
         count = jnp.sum(mask.astype(jnp.float32))
         grads, loss_sum, count = jax.lax.psum((grads, loss_sum, count), DATA_AXIS)
         grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)

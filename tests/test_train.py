@@ -148,6 +148,9 @@ def test_one_step_one_device_equals_four_devices_partial_batch():
     p4, o4, m4 = _run_steps(SETTINGS, jax.devices(), batches)
     assert len(jax.devices()) == 4
     assert _max_diff(p1, p4) <= 1e-5
+    # Adam hides a gradient scale; its first moment (0.1 * grad after one step) does not.
+    assert _max_diff(o1.m, o4.m) <= 1e-6
+    assert _max_diff(o1.m, jax.tree.map(np.zeros_like, o1.m)) > 1e-4
     assert int(o1.step) == int(o4.step) == 1
     np.testing.assert_allclose(m1, m4, rtol=1e-6)
     assert m1[1] == 10.0  # padding rows are not counted
