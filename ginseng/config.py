@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, List, Optional  # noqa: UP035 - OmegaConf reads these annotations
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -89,20 +89,20 @@ def _check_min(name: str, value: float | None, minimum: float) -> None:
 class DataConfig:
     """Which cells and labels to train on, and where the built dataset goes."""
 
-    path: Optional[str] = None
+    path: str | None = None
     """Input counts: .h5ad, 10x .h5 or a 10x mtx folder. None: the embedded pbmc3k data
     (``ginseng.datasets.pbmc3k_path()``). Relative paths are relative to the working directory."""
 
     labels: str = "cell_type"
     """Column of ``obs`` with the cell-type label of every cell."""
 
-    groups: Optional[str] = None
+    groups: str | None = None
     """Column of ``obs`` with a group per cell (donor, batch) for group-level holdouts."""
 
-    gene_key: Optional[str] = None
+    gene_key: str | None = None
     """Column of ``var`` with the gene names to use; None: ``var_names``."""
 
-    layer: Optional[str] = None
+    layer: str | None = None
     """Read counts from ``adata.layers[layer]`` instead of ``X`` (raw counts often live there)."""
 
     backed: bool = False
@@ -115,7 +115,7 @@ class DataConfig:
     store: str = "dataset.zarr"
     """Where the GinsengDataset is written; relative paths are inside the run directory."""
 
-    chunk_size: Optional[int] = None
+    chunk_size: int | None = None
     """Rows per chunk of the dataset store; None: the dataset's default."""
 
     seed: int = 0
@@ -171,7 +171,7 @@ class ModelConfig:
     normalize: bool = True
     """Normalize every cell to ``target_sum`` counts and log1p before the network."""
 
-    target_sum: Optional[float] = 1e4
+    target_sum: float | None = 1e4
     """Counts per cell after normalization; None: the number of genes."""
 
     def __post_init__(self) -> None:
@@ -188,7 +188,7 @@ class OptimConfig:
     lr: float = 1e-3
     """Learning rate."""
 
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     """Decay rates of Adam's first and second moment estimates."""
 
     eps: float = 1e-8
@@ -229,16 +229,16 @@ class TrainerConfig:
     group_mode: str = "fraction"
     """Group holdout strategy: ``fraction`` or ``loo`` (leave one group out)."""
 
-    rate: Optional[float] = None
+    rate: float | None = None
     """Augmentation: probability of masking each input count; None disables."""
 
-    lam_max: Optional[float] = None
+    lam_max: float | None = None
     """Augmentation: largest Poisson mean of added background counts; None disables."""
 
-    lower: Optional[int] = None
+    lower: int | None = None
     """Augmentation: fewest genes dropped per cell; None disables gene dropout."""
 
-    upper: Optional[int] = None
+    upper: int | None = None
     """Augmentation: most genes dropped per cell; None disables gene dropout."""
 
     seed: int = 1
@@ -247,10 +247,10 @@ class TrainerConfig:
     checkpoint: bool = True
     """Write checkpoints during training (into ``checkpoint_dir``)."""
 
-    checkpoint_dir: Optional[str] = None
+    checkpoint_dir: str | None = None
     """Where checkpoints go; None: ``checkpoints/`` inside the run directory."""
 
-    checkpoint_every: Optional[int] = 500
+    checkpoint_every: int | None = 500
     """Steps between checkpoints (one is also written at the end of every epoch); None: only
     at epoch ends."""
 
@@ -282,13 +282,13 @@ class TrainerConfig:
 class AnnotateConfig:
     """``task=annotate``: a trained model applied to new cells."""
 
-    model: Optional[str] = None
+    model: str | None = None
     """Model file (``model.h5`` of a training run). Required for ``task=annotate``."""
 
-    input: Optional[str] = None
+    input: str | None = None
     """Cells to annotate: .h5ad, 10x .h5 or a 10x mtx folder. Required for ``task=annotate``."""
 
-    output: Optional[str] = None
+    output: str | None = None
     """Result table, parquet or CSV by extension; None: ``annotations.csv`` in the run dir."""
 
     batch_size: int = 1024
@@ -297,7 +297,7 @@ class AnnotateConfig:
     overwrite: bool = False
     """Replace an existing ``output``."""
 
-    truth_key: Optional[str] = None
+    truth_key: str | None = None
     """Column of ``obs`` with known labels: adds a per-class report and a confusion matrix."""
 
     randomness: bool = False
@@ -306,7 +306,7 @@ class AnnotateConfig:
     n_samples: int = 1
     """Forward passes per cell when ``randomness=true``."""
 
-    gene_key: Optional[str] = None
+    gene_key: str | None = None
     """Column of the input's ``var`` with gene names; None: ``var_names``."""
 
     backed: bool = False
@@ -335,23 +335,23 @@ class DistributedConfig:
     coordinator (``launch/local.sh``). ``slurm``: detected from SLURM (``srun``). ``auto``:
     detect."""
 
-    coordinator_address: Optional[str] = None
+    coordinator_address: str | None = None
     """``host:port`` of process 0; None: ``GINSENG_COORDINATOR`` or 127.0.0.1:12355 (local),
     detected (slurm)."""
 
-    num_processes: Optional[int] = None
+    num_processes: int | None = None
     """Number of processes; None: ``GINSENG_NUM_PROCESSES`` (local) or detected (slurm)."""
 
-    process_id: Optional[int] = None
+    process_id: int | None = None
     """This process's id; None: ``GINSENG_PROCESS_ID`` (local) or detected (slurm)."""
 
-    local_device_ids: Optional[List[int]] = None
+    local_device_ids: list[int] | None = None
     """Restrict this process to these local devices (e.g. one GPU per process)."""
 
     initialization_timeout: int = 300
     """Seconds to wait for every process to connect."""
 
-    heartbeat_timeout_seconds: Optional[int] = None
+    heartbeat_timeout_seconds: int | None = None
     """Seconds without a heartbeat before a process counts as dead and the run stops."""
 
     def __post_init__(self) -> None:
