@@ -1,0 +1,1 @@
+"""Hydra YAML of the ginseng command line, installed as the package ``ginseng.configs``."""
