@@ -13,10 +13,13 @@ ran it, up to float summation order.
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
+import signal
+import threading
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import jax
@@ -31,16 +34,26 @@ from tqdm.auto import tqdm
 from ginseng._files import atomic_path
 from ginseng.augment import augment
 from ginseng.nn import nn_annotate, nn_annotate_init
-from ginseng.opt import opt_adam_update, opt_init_adam
+from ginseng.opt import AdamState, opt_adam_update, opt_init_adam
 from ginseng.state import GinsengModelState
 
 __all__ = [
+    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_VERSION",
+    "PREEMPTED_EXIT_CODE",
     "GinsengLogger",
     "GinsengModelState",
     "GinsengTrainer",
     "GinsengTrainerSettings",
     "make_mesh",
 ]
+
+# Exit status after SIGTERM/SIGUSR1 made the trainer write a checkpoint and stop (75 = EX_TEMPFAIL,
+# "try again later"): a SLURM script can requeue the job on this code and resume with resume=True.
+PREEMPTED_EXIT_CODE = 75
+CHECKPOINT_FORMAT = "ginseng.checkpoint"
+CHECKPOINT_VERSION = 1
+CHECKPOINT_NAME = "checkpoint.h5"
 
 DATA_AXIS = "data"
 
@@ -548,6 +561,138 @@ def _replicate(tree: PyTree, mesh: Mesh) -> PyTree:
     )
 
 
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+# Settings that may change between a run and its resumption without changing the result.
+_RESUME_FREE = ("checkpoint_dir", "checkpoint_every")
+
+
+def _settings_record(settings: GinsengTrainerSettings) -> dict:
+    rec = {k: v for k, v in asdict(settings).items() if k not in _RESUME_FREE}
+    rec["betas"] = list(rec["betas"])
+    return rec
+
+
+def _write_tree(group, tree: dict) -> None:
+    for name, value in tree.items():
+        if isinstance(value, dict):
+            _write_tree(group.create_group(name), value)
+        else:
+            group.create_dataset(name, data=np.asarray(value))
+
+
+def _read_tree(group) -> dict:
+    import h5py
+
+    return {
+        name: _read_tree(item) if isinstance(item, h5py.Group) else np.asarray(item[()])
+        for name, item in group.items()
+    }
+
+
+def _save_checkpoint(directory, *, params, opt_state, metrics, epoch, batch, logger, settings, identity):
+    """Write the checkpoint atomically (process 0 only): a crash mid-write keeps the previous one."""
+    import h5py
+
+    host_params, host_opt, host_metrics = _to_host(params), _to_host(opt_state), _to_host(metrics)
+    if jax.process_index() != 0:
+        return
+    path = Path(directory) / CHECKPOINT_NAME
+    with atomic_path(path, overwrite=True, what="checkpoint") as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["format"] = CHECKPOINT_FORMAT
+        f.attrs["format_version"] = CHECKPOINT_VERSION
+        f.attrs["epoch"] = int(epoch)
+        f.attrs["batch"] = int(batch)
+        f.attrs["global_step"] = int(host_opt.step)
+        f.attrs["settings"] = json.dumps(_settings_record(settings), sort_keys=True)
+        f.attrs["dataset_identity"] = str(identity)
+        _write_tree(f.create_group("params"), host_params)
+        opt = f.create_group("opt_state")
+        opt.create_dataset("step", data=np.asarray(host_opt.step))
+        _write_tree(opt.create_group("m"), host_opt.m)
+        _write_tree(opt.create_group("v"), host_opt.v)
+        f.create_dataset("epoch_metrics", data=np.asarray(host_metrics))
+        log = f.create_group("logger")
+        for name in ("epoch", "train_loss", "holdout_loss", "holdout_accuracy"):
+            log.create_dataset(name, data=np.asarray(getattr(logger, name), dtype=np.float64))
+
+
+def _load_checkpoint(directory, settings: GinsengTrainerSettings, identity) -> dict | None:
+    """Read the checkpoint in ``directory`` (None if there is none); refuse a mismatching one."""
+    import h5py
+
+    path = Path(directory) / CHECKPOINT_NAME
+    if not path.exists():
+        return None
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        msg = f"checkpoint {str(path)!r} is not a readable HDF5 file ({err})"
+        raise ValueError(msg) from None
+    with f:
+        fmt, version = f.attrs.get("format"), f.attrs.get("format_version")
+        if fmt != CHECKPOINT_FORMAT:
+            msg = f"{str(path)!r} is not a ginseng checkpoint (format {fmt!r}, expected {CHECKPOINT_FORMAT!r})"
+            raise ValueError(msg)
+        if version != CHECKPOINT_VERSION:
+            msg = (
+                f"checkpoint {str(path)!r} has format version {version}; this ginseng reads version "
+                f"{CHECKPOINT_VERSION}"
+            )
+            raise ValueError(msg)
+        if f.attrs["dataset_identity"] != str(identity):
+            msg = (
+                f"checkpoint {str(path)!r} was written for dataset {f.attrs['dataset_identity']!r}, "
+                f"not for this dataset {str(identity)!r}; use another checkpoint_dir or resume=False"
+            )
+            raise ValueError(msg)
+        saved = json.loads(f.attrs["settings"])
+        now = json.loads(json.dumps(_settings_record(settings), sort_keys=True))
+        differ = [f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+        if differ:
+            msg = f"checkpoint {str(path)!r} was written with other settings: " + "; ".join(differ)
+            raise ValueError(msg)
+        opt = f["opt_state"]
+        log = {k: np.asarray(v[()]) for k, v in f["logger"].items()}
+        return {
+            "epoch": int(f.attrs["epoch"]),
+            "batch": int(f.attrs["batch"]),
+            "params": _read_tree(f["params"]),
+            "opt_state": AdamState(step=np.asarray(opt["step"][()]), m=_read_tree(opt["m"]), v=_read_tree(opt["v"])),
+            "metrics": np.asarray(f["epoch_metrics"][()]),
+            "logger": log,
+        }
+
+
+class _StopSignal:
+    """Records SIGTERM/SIGUSR1 so that the loop can checkpoint at the next step boundary."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, active: bool):
+        self.received: int | None = None
+        self._old: dict = {}
+        self.active = active and threading.current_thread() is threading.main_thread()
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def __enter__(self):
+        if self.active:
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
 # --------------------------------------------------------------------------------------------
 # The trainer
 # --------------------------------------------------------------------------------------------
@@ -590,6 +735,7 @@ def GinsengTrainer(
     silent: bool = False,
     *,
     devices=None,
+    resume: bool = False,
 ) -> tuple[GinsengLogger, GinsengModelState]:
     """Train a neural network classifier on a `GinsengDataset`, data-parallel over all devices.
 
@@ -607,6 +753,12 @@ def GinsengTrainer(
     devices : sequence of jax.Device, optional
         Devices to train on. Default: ``jax.devices()``, i.e. every device of every process once
         ``jax.distributed`` is initialized (see :mod:`ginseng.distributed`).
+    resume : bool
+        Continue from the checkpoint in ``settings.checkpoint_dir`` when there is one (refused if
+        it was written for another dataset or other settings). The resumed run ends with exactly
+        the model of an uninterrupted run. With ``checkpoint_dir`` set, SIGTERM or SIGUSR1 make
+        the trainer write a checkpoint at the next step boundary and exit with
+        ``PREEMPTED_EXIT_CODE`` (75).
 
     Returns
     -------
@@ -656,38 +808,83 @@ def GinsengTrainer(
     train_step = _build_train_step(settings, mesh)
     eval_step = _build_eval_step(settings, mesh)
     logger = GinsengLogger()
+    identity = getattr(dataset, "identity", "")
+    ckpt_dir = settings.checkpoint_dir
+    if resume and ckpt_dir is None:
+        msg = "resume=True needs settings.checkpoint_dir, got None"
+        raise ValueError(msg)
+    if ckpt_dir is not None and main:
+        Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
+    if ckpt_dir is not None and jax.process_count() > 1:
+        from ginseng import distributed
 
-    for epoch in range(epochs):
-        metrics = _replicate(np.zeros(2, np.float32), mesh)
-        with tqdm(
-            total=train_loader.num_batches,
-            desc=f"[ginseng] epoch {epoch + 1}/{epochs}",
-            unit="step",
-            disable=not verbose,
-        ) as bar:
-            for i, batch in enumerate(train_loader.epoch(epoch)):
-                x, y, slot, mask = _global_arrays(batch, mesh, train_loader.global_batch)
-                params, opt_state, metrics = train_step(
-                    params, opt_state, metrics, train_key, x, y, slot, mask
-                )
-                bar.update(1)
-                if verbose and (i + 1) % _PROGRESS_EVERY == 0:
-                    total, count = _to_host(metrics)
-                    bar.set_postfix(loss=f"{total / max(count, 1.0):.4f}")
-        total, count = _to_host(metrics)
-        train_loss = float(total / count) if count > 0 else float("nan")
+        distributed.barrier("ginseng_checkpoint_dir")
 
-        holdout_loss = holdout_acc = float("nan")
-        if holdout_loader is not None:
-            ev = _replicate(np.zeros(3, np.float32), mesh)
-            for batch in holdout_loader.epoch(0):
-                x, y, _, mask = _global_arrays(batch, mesh, holdout_loader.global_batch)
-                ev = eval_step(params, ev, x, y, mask)
-            loss_sum, correct, count = _to_host(ev)
-            if count > 0:
-                holdout_loss, holdout_acc = float(loss_sum / count), float(correct / count)
-        logger.update(epoch, train_loss, holdout_loss, holdout_acc)
-        logger.report(silent=not verbose)
+    start_epoch, start_batch, epoch_metrics = 0, 0, np.zeros(2, np.float32)
+    restored = _load_checkpoint(ckpt_dir, settings, identity) if resume else None
+    if restored is not None:
+        params = _replicate(restored["params"], mesh)
+        opt_state = _replicate(restored["opt_state"], mesh)
+        start_epoch, start_batch, epoch_metrics = restored["epoch"], restored["batch"], restored["metrics"]
+        for name, values in restored["logger"].items():
+            setattr(logger, name, [int(v) if name == "epoch" else float(v) for v in values])
+        if verbose:
+            print(f"[ginseng] resuming at epoch {start_epoch + 1}, batch {start_batch}", flush=True)
+
+    def checkpoint(epoch, batch):
+        _save_checkpoint(
+            ckpt_dir, params=params, opt_state=opt_state, metrics=metrics, epoch=epoch, batch=batch,
+            logger=logger, settings=settings, identity=identity,
+        )
+
+    with _StopSignal(active=ckpt_dir is not None) as stop:
+        for epoch in range(start_epoch, epochs):
+            first = start_batch if epoch == start_epoch else 0
+            metrics = _replicate(epoch_metrics if epoch == start_epoch else np.zeros(2, np.float32), mesh)
+            with tqdm(
+                total=train_loader.num_batches,
+                initial=first,
+                desc=f"[ginseng] epoch {epoch + 1}/{epochs}",
+                unit="step",
+                disable=not verbose,
+            ) as bar:
+                for i, batch in enumerate(train_loader.epoch(epoch, start_batch=first), start=first):
+                    x, y, slot, mask = _global_arrays(batch, mesh, train_loader.global_batch)
+                    params, opt_state, metrics = train_step(
+                        params, opt_state, metrics, train_key, x, y, slot, mask
+                    )
+                    bar.update(1)
+                    if verbose and (i + 1) % _PROGRESS_EVERY == 0:
+                        total, count = _to_host(metrics)
+                        bar.set_postfix(loss=f"{total / max(count, 1.0):.4f}")
+                    if stop.received is not None:
+                        checkpoint(epoch, i + 1)
+                        if verbose:
+                            name = signal.Signals(stop.received).name
+                            print(f"[ginseng] {name}: checkpoint written to {ckpt_dir}; exiting "
+                                  f"with code {PREEMPTED_EXIT_CODE}", flush=True)
+                        raise SystemExit(PREEMPTED_EXIT_CODE)
+                    if settings.checkpoint_every and (i + 1) % settings.checkpoint_every == 0 and ckpt_dir:
+                        checkpoint(epoch, i + 1)
+            total, count = _to_host(metrics)
+            train_loss = float(total / count) if count > 0 else float("nan")
+
+            holdout_loss = holdout_acc = float("nan")
+            if holdout_loader is not None:
+                ev = _replicate(np.zeros(3, np.float32), mesh)
+                for batch in holdout_loader.epoch(0):
+                    x, y, _, mask = _global_arrays(batch, mesh, holdout_loader.global_batch)
+                    ev = eval_step(params, ev, x, y, mask)
+                loss_sum, correct, count = _to_host(ev)
+                if count > 0:
+                    holdout_loss, holdout_acc = float(loss_sum / count), float(correct / count)
+            logger.update(epoch, train_loss, holdout_loss, holdout_acc)
+            logger.report(silent=not verbose)
+            if ckpt_dir is not None:
+                # (epoch + 1, batch 0): a mid-epoch checkpoint at batch == num_batches instead
+                # resumes into this epoch's holdout evaluation and log line.
+                metrics = _replicate(np.zeros(2, np.float32), mesh)
+                checkpoint(epoch + 1, 0)
 
     state = GinsengModelState(
         params=_to_host(params),
