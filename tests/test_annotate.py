@@ -154,6 +154,7 @@ def test_backed_and_path_inputs_equal_in_memory(adata, state, tmp_path):
     for bk in (True, False):
         pd.testing.assert_frame_equal(annotate(state, path, backed=bk, silent=True), ref, rtol=1e-5)
     ad2, tab = annotate(state, str(path), copy=True, silent=True)
+    pd.testing.assert_frame_equal(tab, ref, rtol=1e-5)
     assert list(ad2.obs["ginseng_cell_type"].astype(str)) == list(ref.cell_type.astype(str))
     # dense backed X as well
     adata.write_h5ad(tmp_path / "dense.h5ad")
@@ -290,3 +291,56 @@ def test_ginseng_dataset_input(adata, state, tmp_path):
     table, probs = annotate(state, ds, return_probs=True, batch_size=16, silent=True)
     np.testing.assert_allclose(probs.to_numpy(), ref, rtol=1e-5, atol=1e-7)
     assert list(table.barcode) == [str(i) for i in range(N_CELLS)]
+
+
+_MP_WORKER = r'''
+import sys
+import numpy as np
+from ginseng import distributed
+from ginseng.annotate import annotate
+
+pid, nproc, port, model, data, out = sys.argv[1:7]
+distributed.initialize("local", coordinator_address=f"127.0.0.1:{port}", num_processes=int(nproc),
+                       process_id=int(pid), initialization_timeout=60)
+annotate(model, data, backed=True, output=out, batch_size=13, return_probs=True, silent=True)
+table, probs = annotate(model, data, batch_size=13, return_probs=True, randomness=True, seed=4,
+                        silent=True)
+np.save(f"{out}.{pid}.npy", probs.to_numpy())
+distributed.barrier("annotate_test_done")
+distributed.shutdown()
+'''
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(adata, state, tmp_path):
+    """Two processes x 2 devices (jax.distributed, gloo) give the single-process results."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    io = pytest.importorskip("ginseng.io")
+    io.save_ginseng_state(state, tmp_path / "m.h5")
+    sparse = adata.copy()
+    sparse.X = sp.csr_matrix(adata.X)
+    sparse.write_h5ad(tmp_path / "x.h5ad")
+    (tmp_path / "worker.py").write_text(_MP_WORKER)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    out = tmp_path / "res.parquet"
+    procs = [subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), str(i), "2", str(port),
+                               str(tmp_path / "m.h5"), str(tmp_path / "x.h5ad"), str(out)], env=env)
+             for i in range(2)]
+    assert [p.wait(timeout=180) for p in procs] == [0, 0]
+    zarr = pytest.importorskip("zarr")
+    ref_table, ref_probs = annotate(state, adata, return_table=True, return_probs=True, silent=True)
+    got = pd.read_parquet(out)
+    assert list(got.barcode) == list(ref_table.barcode)
+    assert list(got.cell_type) == list(ref_table.cell_type.astype(str))
+    probs = zarr.open_group(str(tmp_path / "res.zarr"), mode="r")["probs"][:]
+    np.testing.assert_allclose(probs, ref_probs.to_numpy(), rtol=1e-5, atol=1e-7)
+    mc = annotate(state, adata, return_probs=True, randomness=True, seed=4, silent=True).to_numpy()
+    for i in range(2):  # every process gets every cell, equal to one process with 4 devices
+        np.testing.assert_allclose(np.load(f"{out}.{i}.npy"), mc, rtol=1e-5, atol=1e-7)
