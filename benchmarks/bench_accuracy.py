@@ -27,6 +27,7 @@ import ast
 import dataclasses
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -109,6 +110,28 @@ def run_ginseng(train, test, settings, epochs, workdir):
     return macro_f1(test.obs["cell_type"], out.obs["ginseng_cell_type"])
 
 
+def run_reference(train, test, balance, epochs, seed, workdir):
+    """Reference ginseng 0.1.4 (benchmarks/.venvs/ref) on the same split and genes; macro-F1 or
+    None when its environment is missing."""
+    py = REPO / "benchmarks" / ".venvs" / "ref" / "bin" / "python"
+    if not py.exists():
+        return None
+    w = Path(workdir)
+    genes = train.var_names[train.var["ginseng_genes"].to_numpy()]
+    anndata.AnnData(X=train[:, genes].X, obs=train.obs[["cell_type"]],
+                    var=train.var.loc[genes, []]).write_h5ad(w / "train.h5ad")
+    anndata.AnnData(X=test[:, genes].X, obs=test.obs[["cell_type"]],
+                    var=test.var.loc[genes, []]).write_h5ad(w / "test.h5ad")
+    cmd = [str(py), str(REPO / "benchmarks" / "_acc_ref.py"), str(w), "--balance",
+           "true" if balance else "false", "--epochs", str(epochs), "--seed", str(seed)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        msg = f"reference ginseng run failed (exit {proc.returncode}): {proc.stderr[-2000:]}"
+        raise RuntimeError(msg)
+    pred = (w / "pred.txt").read_text().splitlines()
+    return macro_f1(test.obs["cell_type"], pred)
+
+
 def _lognorm(X):
     X = X.toarray() if hasattr(X, "toarray") else np.asarray(X)
     X = X.astype(np.float64)
@@ -153,7 +176,8 @@ def parse_overrides(items):
     return out
 
 
-def run_task(task, seed, balances, epochs, overrides, logreg=True):
+def run_task(task, seed, balances, epochs, overrides, logreg=True, reference=False,
+             ref_balances=None):
     """All runs of one task and seed: a list of dicts (method, balance_train, macro_f1, seconds)."""
     train, test = pbmc3k_split(seed) if task == "pbmc3k" else baron_split()
     rows = []
@@ -165,6 +189,14 @@ def run_task(task, seed, balances, epochs, overrides, logreg=True):
         rows.append(dict(task=task, seed=seed, method="ginseng", balance_train=balance,
                          epochs=epochs, overrides=overrides, macro_f1=f1,
                          seconds=time.perf_counter() - t0))
+    for balance in (balances if ref_balances is None else ref_balances) if reference else []:
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="ginseng_acc_ref_") as tmp:
+            f1 = run_reference(train, test, balance, epochs, seed, tmp)
+        if f1 is not None:
+            rows.append(dict(task=task, seed=seed, method="ginseng 0.1.4", balance_train=balance,
+                             epochs=epochs, overrides={}, macro_f1=f1,
+                             seconds=time.perf_counter() - t0))
     if logreg:
         t0 = time.perf_counter()
         f1 = run_logreg(train, test, seed)
@@ -204,6 +236,9 @@ def main(argv=None):
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="GinsengTrainerSettings overrides, e.g. lr=3e-3 dropout_rate=0.1")
     p.add_argument("--no-logreg", action="store_true")
+    p.add_argument("--no-ginseng", action="store_true", help="skip our ginseng (anchors only)")
+    p.add_argument("--reference", action="store_true",
+                   help="also run reference ginseng 0.1.4 (benchmarks/.venvs/ref) on the same split")
     p.add_argument("--json", default=None, help="write every run to this JSON file")
     a = p.parse_args(argv)
     overrides = parse_overrides(a.set)
@@ -213,7 +248,9 @@ def main(argv=None):
     t0 = time.perf_counter()
     for task in tasks:
         for seed in a.seeds:
-            for r in run_task(task, seed, balances, a.epochs, overrides, logreg=not a.no_logreg):
+            for r in run_task(task, seed, [] if a.no_ginseng else balances, a.epochs, overrides,
+                              logreg=not a.no_logreg, reference=a.reference,
+                              ref_balances=balances):
                 rows.append(r)
                 print(json.dumps(r), flush=True)
     print(f"\nepochs={a.epochs} overrides={overrides} wall={time.perf_counter() - t0:.0f}s "
