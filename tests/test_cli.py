@@ -231,3 +231,21 @@ def test_launch_module_multirun_from_another_directory(tiny_h5ad, tmp_path):
     assert bad.returncode == 2
     assert "Did you mean 'trainer.epochs'?" in bad.stderr
     assert "trainer.batch_size" in bad.stderr
+
+
+def test_processes_of_one_run_share_a_run_dir(monkeypatch):
+    from ginseng import launch
+
+    for var in ("GINSENG_RUN_DIR", "SLURM_JOB_ID", "SLURM_NTASKS", "GINSENG_NUM_PROCESSES"):
+        monkeypatch.delenv(var, raising=False)
+    # Under srun, every task of the job (and the job after a requeue) gets the same directory.
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    launch._share_run_dir()
+    assert os.environ["GINSENG_RUN_DIR"] == os.path.join("outputs", "slurm-4242")
+    # Processes started by hand without a shared directory are stopped before they diverge.
+    for var in ("GINSENG_RUN_DIR", "SLURM_JOB_ID", "SLURM_NTASKS"):
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("GINSENG_NUM_PROCESSES", "2")
+    with pytest.raises(SystemExit, match="GINSENG_RUN_DIR is not set"):
+        launch._share_run_dir()
