@@ -3,12 +3,16 @@
 Model files are HDF5 with no pickle: every parameter is a dataset under its tree path
 (``params/features1/W``), strings are UTF-8 datasets, and the scalar settings are attributes.
 The file records ``format="ginseng.model"`` and ``format_version`` so that a future layout is
-refused with a message instead of being misread. Opening a model file never runs code.
+refused with a message instead of being misread, and ``sha256``, a digest of everything the
+model is made of, so that bytes damaged inside a parameter (which HDF5 itself reads without
+complaint) are refused instead of silently changing predictions. Opening a model file never
+runs code.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -474,6 +478,48 @@ def _write_array(group: h5py.Group, name: str, arr: np.ndarray) -> None:
         group.create_dataset(name, data=arr)
 
 
+def _flatten_params(tree, prefix: str = "params") -> dict[str, np.ndarray]:
+    """{"params/features1/W": array, ...} as host numpy arrays."""
+    out: dict[str, np.ndarray] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten_params(value, f"{prefix}/{key}"))
+        else:
+            out[f"{prefix}/{key}"] = np.asarray(value)
+    return out
+
+
+def _model_digest(
+    params: dict[str, np.ndarray], labels: dict[str, np.ndarray], scalars: dict
+) -> str:
+    """SHA-256 over the parameters (path, dtype, shape, bytes), the label/gene arrays and the
+    settings, in a fixed order: the same model gives the same digest, any changed byte another."""
+    h = hashlib.sha256()
+
+    def feed(text: str) -> None:
+        data = text.encode("utf-8")
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+
+    for name in sorted(params):
+        arr = np.ascontiguousarray(params[name])
+        feed(f"{name}|{arr.dtype.str}|{arr.shape}")
+        h.update(arr.tobytes())
+    for name in sorted(labels):
+        arr = np.asarray(labels[name])
+        if arr.dtype.kind in "OUS":
+            feed(f"{name}|str|{arr.shape}")
+            for v in arr.ravel().tolist():
+                feed(v.decode("utf-8") if isinstance(v, bytes) else str(v))
+        else:
+            arr = np.ascontiguousarray(arr)
+            feed(f"{name}|{arr.dtype.str}|{arr.shape}")
+            h.update(arr.tobytes())
+    for name in sorted(scalars):
+        feed(f"{name}={scalars[name]!r}")
+    return h.hexdigest()
+
+
 def _write_params(group: h5py.Group, tree, where: str) -> None:
     if not isinstance(tree, Mapping):
         msg = f"params must be nested dicts of arrays; found {type(tree).__name__} at {where!r}"
@@ -530,13 +576,34 @@ def save_ginseng_state(
         _write_array(f, "genes", genes)
         _write_array(f, "label_keys", label_keys)
         _write_array(f, "label_values", label_values)
+        # Digest of what was written, read back the way load_ginseng_state reads it.
+        f.attrs["sha256"] = _file_digest(f)
 
 
 def _read_params(group: h5py.Group) -> dict:
     out = {}
     for key, item in group.items():
-        out[key] = _read_params(item) if isinstance(item, h5py.Group) else jnp.asarray(item[()])
+        out[key] = _read_params(item) if isinstance(item, h5py.Group) else np.asarray(item[()])
     return out
+
+
+def _to_jnp(tree: dict) -> dict:
+    return {k: _to_jnp(v) if isinstance(v, dict) else jnp.asarray(v) for k, v in tree.items()}
+
+
+_DIGEST_ATTRS = ("format_version", "normalize", "target_sum", "dropout_rate", "training")
+
+
+def _file_digest(f: h5py.File, params: dict | None = None) -> str:
+    """The model digest of an open model file (``params``: already read, to avoid a re-read)."""
+    if params is None:
+        params = _read_params(f["params"])
+    labels = {k: _read_labels(f[k]) for k in ("genes", "label_keys", "label_values")}
+    scalars = {}
+    for a in _DIGEST_ATTRS:
+        v = f.attrs[a]
+        scalars[a] = None if isinstance(v, h5py.Empty) else (v.item() if hasattr(v, "item") else v)
+    return _model_digest(_flatten_params(params), labels, scalars)
 
 
 def _read_labels(ds: h5py.Dataset) -> np.ndarray:
@@ -636,9 +703,12 @@ def load_ginseng_state(filename: str | os.PathLike) -> GinsengModelState:
                 msg = f"model file {str(path)!r} is incomplete: 'params' holds no parameters"
                 raise ValueError(msg)
             params = _read_params(f["params"])
+            stored = f.attrs.get("sha256")
+            stored = stored.decode() if isinstance(stored, bytes) else stored
+            computed = _file_digest(f, params) if stored is not None else None
             target_sum = f.attrs["target_sum"]
             state = GinsengModelState(
-                params=params,
+                params=_to_jnp(params),
                 genes=_read_labels(f["genes"]),
                 label_keys=_read_labels(f["label_keys"]),
                 label_values=_read_labels(f["label_values"]),
@@ -651,4 +721,12 @@ def load_ginseng_state(filename: str | os.PathLike) -> GinsengModelState:
         msg = f"model file {str(path)!r} could not be read; it is truncated or corrupted: {err}"
         raise ValueError(msg) from err
     _check_consistency(path, state)
+    # Files without a digest (written before it was added) load unchecked.
+    if stored is not None and stored != computed:
+        msg = (
+            f"model file {str(path)!r} is corrupted: its content does not match the checksum "
+            f"written when it was saved (sha256 stored {stored[:12]}..., found {computed[:12]}...); "
+            "re-save or re-train the model"
+        )
+        raise ValueError(msg)
     return state
