@@ -62,6 +62,12 @@ _WRITE_BUFFER_BYTES = 512 << 20
 _READ_BLOCK_BYTES = 64 << 20
 # Decoded bytes of whole-chunk reads the loader keeps in flight (bounded memory, enough overlap).
 _INFLIGHT_BYTES = 64 << 20
+# Every chunk of every array is written, even an all-zero one (zarr skips those by default), so a
+# missing chunk file always means damage: stores carrying this attribute are read with
+# TensorStore's fill_missing_data_reads=False and their small arrays are checked on open,
+# instead of a deleted chunk silently reading as zeros.
+_ALL_CHUNKS_ATTR = "all_chunks_stored"
+_ARRAY_CONFIG = {"write_empty_chunks": True}
 
 
 def _codec() -> BloscCodec:
@@ -199,7 +205,9 @@ def _auto_chunk_rows(n_genes: int, itemsize: int) -> int:
 
 def _write_str_array(group, name: str, values) -> None:
     values = np.asarray([str(v) for v in values], dtype=object)
-    arr = group.create_array(name, shape=values.shape, dtype=str, chunks=(max(1, len(values)),))
+    arr = group.create_array(
+        name, shape=values.shape, dtype=str, chunks=(max(1, len(values)),), config=_ARRAY_CONFIG
+    )
     arr[:] = values
 
 
@@ -257,10 +265,29 @@ class GinsengDataset:
         if attrs.get("complete") is not True:
             msg = f"{str(self.path)!r} is an incomplete ginseng dataset (its creation did not finish); re-create it"
             raise ValueError(msg)
-        self._reopen_readonly()
-        self._load_metadata()
+        self._open()
 
     # ------------------------------------------------------------------ opening
+    def _damaged(self, what: str, err: BaseException) -> ValueError:
+        """The error for a store whose files are missing or corrupted, naming the store."""
+        msg = (
+            f"ginseng dataset {str(self.path)!r} is damaged: {what} failed ({type(err).__name__}: "
+            f"{err}). A chunk or metadata file is missing or corrupted; re-create the dataset."
+        )
+        return ValueError(msg)
+
+    def _open(self) -> None:
+        """Open the arrays and read the metadata; any failure names the store."""
+        try:
+            self._reopen_readonly()
+            self._load_metadata()
+        except ValueError as err:
+            if str(self.path) in str(err) and "damaged" in str(err):
+                raise
+            raise self._damaged("reading its metadata", err) from err
+        except Exception as err:  # zarr, numcodecs and TensorStore raise many kinds
+            raise self._damaged("reading its metadata", err) from err
+
     def _reopen_readonly(self) -> None:
         """Helper to reopen store in read-only mode."""
         self.store = zarr.storage.LocalStore(self.path, read_only=True)
@@ -270,7 +297,33 @@ class GinsengDataset:
             "driver": "zarr3",
             "kvstore": {"driver": "file", "path": str(self.path.resolve() / "X")},
         }
+        if self.root.attrs.get(_ALL_CHUNKS_ATTR) is True:
+            # Every chunk was written: a missing one is an error, not a block of zeros.
+            spec["fill_missing_data_reads"] = False
         self._X = ts.open(spec, read=True, open=True).result()
+
+    def _check_arrays(self, names: list[str]) -> None:
+        """Refuse a store whose arrays disagree with its attributes or lack chunk files."""
+        root = self.root
+        problems = []
+        if tuple(self._X.shape) != (self.n_cells, self.n_genes):
+            problems.append(
+                f"X has shape {tuple(self._X.shape)}, expected ({self.n_cells}, {self.n_genes})"
+            )
+        if self.attrs.get(_ALL_CHUNKS_ATTR) is True:
+            for name in names:
+                arr = root[name]
+                if arr.nchunks_initialized != arr.nchunks:
+                    problems.append(
+                        f"array {name!r} has {arr.nchunks_initialized} of its {arr.nchunks} chunk files"
+                    )
+        if problems:
+            msg = (
+                f"ginseng dataset {str(self.path)!r} is damaged: "
+                + "; ".join(problems)
+                + ". Re-create the dataset."
+            )
+            raise ValueError(msg)
 
     def _load_metadata(self) -> None:
         """Load metadata from zarr store."""
@@ -279,6 +332,12 @@ class GinsengDataset:
         self.attrs = attrs
         self.n_cells = int(attrs["n_cells"])
         self.n_genes = int(attrs["n_genes"])
+        arrays = ["order", "labels", "label_values", "genes"]
+        if "group_codes" in root:
+            arrays += ["group_codes", "group_values"]
+        if attrs.get("split"):
+            arrays += [f"{attrs['split']}/train", f"{attrs['split']}/holdout"]
+        self._check_arrays(arrays)
         self.chunk_rows = int(attrs["chunk_rows"])
         self.uuid = str(attrs["uuid"])
         self.identity = f"{self.uuid}:{self.n_cells}x{self.n_genes}"
@@ -295,6 +354,17 @@ class GinsengDataset:
             self.groups = values[np.asarray(root["group_codes"][:])]
         else:
             self.groups = None
+        lengths = {
+            "labels": (len(self.labels), self.n_cells),
+            "order": (len(self._order), self.n_cells),
+            "genes": (len(self.genes), self.n_genes),
+        }
+        wrong = [f"{k} has {n} entries, expected {e}" for k, (n, e) in lengths.items() if n != e]
+        if self.labels.size and not 0 <= self.labels.min() <= self.labels.max() < self.n_labels:
+            wrong.append(f"labels hold codes outside [0, {self.n_labels})")
+        if wrong:
+            msg = f"ginseng dataset {str(self.path)!r} is damaged: " + "; ".join(wrong)
+            raise ValueError(msg)
         self.label_indices = {
             k: np.flatnonzero(self.labels == k).astype(np.int64) for k in range(self.n_labels)
         }
@@ -533,6 +603,7 @@ class GinsengDataset:
                     "shuffled": bool(shuffle),
                     "seed": int(seed),
                     "split": None,
+                    _ALL_CHUNKS_ATTR: True,
                 }
             )
             xa = root.create_array(
@@ -542,14 +613,16 @@ class GinsengDataset:
                 dtype=dtype,
                 compressors=_codec(),
                 fill_value=0,
+                config=_ARRAY_CONFIG,
             )
             cls._write_permuted(xa, source, order, dtype, chunk_rows, silent)
-            root.create_array("order", data=order, chunks=(max(1, n_cells),))
-            root.create_array("labels", data=label_codes, chunks=(max(1, n_cells),))
+            one_chunk = {"chunks": (max(1, n_cells),), "config": _ARRAY_CONFIG}
+            root.create_array("order", data=order, **one_chunk)
+            root.create_array("labels", data=label_codes, **one_chunk)
             _write_str_array(root, "label_values", label_values)
             _write_str_array(root, "genes", gene_names)
             if group_codes is not None:
-                root.create_array("group_codes", data=group_codes, chunks=(max(1, n_cells),))
+                root.create_array("group_codes", data=group_codes, **one_chunk)
                 _write_str_array(root, "group_values", group_values)
             # Written last: a store without it is refused on open.
             root.attrs["complete"] = True
@@ -676,6 +749,19 @@ class GinsengDataset:
             held = gen.choice(uniq, size=n_hold, replace=False)
             is_hold = np.isin(self.groups, held)
             holdout = np.flatnonzero(is_hold)
+            # Whole groups rarely hold every label; the run can go on, but the user should know
+            # which labels the holdout cannot score, or which the model will never see.
+            in_hold = np.bincount(self.labels[is_hold], minlength=self.n_labels) > 0
+            in_train = np.bincount(self.labels[~is_hold], minlength=self.n_labels) > 0
+            for where, present in (("holdout", in_hold), ("training", in_train)):
+                absent = self.label_values[~present]
+                if absent.size:
+                    msg = (
+                        f"the group-level holdout (held-out groups {_describe(sorted(held))}) leaves "
+                        f"{absent.size} of {self.n_labels} labels with no {where} cells: "
+                        f"{_describe(absent)}"
+                    )
+                    warnings.warn(msg, UserWarning, stacklevel=2)
         else:
             counts = np.bincount(self.labels, minlength=self.n_labels)
             smallest = int(np.argmin(counts))
@@ -713,20 +799,23 @@ class GinsengDataset:
         old = root.attrs.get("split")
         name = f"split_{uuid.uuid4().hex[:12]}"
         grp = root.create_group(name)
-        grp.create_array("train", data=train, chunks=(max(1, len(train)),))
-        grp.create_array("holdout", data=holdout, chunks=(max(1, len(holdout)),))
+        cfg = _ARRAY_CONFIG
+        grp.create_array("train", data=train, chunks=(max(1, len(train)),), config=cfg)
+        grp.create_array("holdout", data=holdout, chunks=(max(1, len(holdout)),), config=cfg)
         root.attrs.update({"split": name, "split_params": params})
         if old and old in root:
             del root[old]
-        self._reopen_readonly()
-        self._load_metadata()
+        self._open()
 
     # ------------------------------------------------------------------ reading
     def _read_stored(self, rows: np.ndarray) -> np.ndarray:
         """Stored rows (sorted unique int64) in their stored dtype, read concurrently."""
         if rows.size == 0:
             return np.zeros((0, self.n_genes), dtype=self._X.dtype.numpy_dtype)
-        return self._X.oindex[rows].read().result()
+        try:
+            return self._X.oindex[rows].read().result()
+        except ValueError as err:  # TensorStore: a missing or undecodable chunk
+            raise self._damaged("reading counts", err) from err
 
     def get_batch(self, indices) -> np.ndarray:
         """Retrieve a batch of count data for given cell indices.
@@ -852,7 +941,11 @@ class BatchLoader:
         process_count=1,
         prefetch=2,
     ):
-        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        if (
+            not isinstance(batch_size, (int, np.integer))
+            or isinstance(batch_size, bool)
+            or batch_size < 1
+        ):
             msg = f"batch_size must be an integer >= 1, found {batch_size!r}"
             raise ValueError(msg)
         if split not in SPLITS:
@@ -996,7 +1089,10 @@ class BatchLoader:
                     buf = np.empty((base, ds.n_genes), dtype=ds._X.dtype.numpy_dtype)
                     for c, lo, hi, start, whole in spans:
                         refill()
-                        arr = inflight.popleft().result()
+                        try:
+                            arr = inflight.popleft().result()
+                        except ValueError as err:  # a missing or undecodable chunk
+                            raise ds._damaged("reading counts", err) from err
                         if whole:
                             buf[start : start + arr.shape[0]] = arr
                         else:
