@@ -46,6 +46,20 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    rc = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return rc == 0
+
+
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -80,11 +94,17 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = False, what: str = "o
                 msg = f"{what} {str(final)!r} appeared while writing; not replacing it"
                 raise FileExistsError(msg)
             if final.is_dir() and not final.is_symlink():
-                # Directories cannot be replaced atomically: move the old one aside first.
-                old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-                os.replace(final, old)
-                os.replace(tmp, final)
-                _remove(old)
+                # os.replace cannot put a directory over a non-empty one. Swap the two in one
+                # atomic step where the kernel can, so a complete store is always at the path;
+                # elsewhere move the old one aside first (a crash between the two renames leaves
+                # it, complete, at the .old- name).
+                if _exchange(tmp, final):
+                    _remove(tmp)
+                else:
+                    old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+                    os.replace(final, old)
+                    os.replace(tmp, final)
+                    _remove(old)
             else:
                 os.replace(tmp, final)
         else:

@@ -302,23 +302,19 @@ _KILL_OVERWRITE = textwrap.dedent(
     X = np.random.default_rng(0).poisson(2.0, size=(64, 8)).astype(np.float32)
     labels = np.repeat(["a", "b"], 32)
     GinsengDataset.create(sys.argv[1], X, labels, silent=True)
-    real = os.replace
-    def replace_then_die(src, dst):
-        real(src, dst)
-        # The old dataset was moved aside; the new one is not in place yet.
-        if os.path.basename(dst).startswith(".d.zarr.old-"):
+    real = _files._remove
+    def remove_then_die(path):
+        # The new store has been swapped into place; the old one (now at the temporary name)
+        # is about to be removed. Die at exactly this point.
+        if os.path.basename(path).startswith(".d.zarr.tmp-"):
             os.kill(os.getpid(), signal.SIGKILL)
-    _files.os.replace = replace_then_die
+        real(path)
+    _files._remove = remove_then_die
     GinsengDataset.create(sys.argv[1], X, labels, overwrite=True, silent=True)
     """
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pending lead (_files.atomic_path): replacing a directory is two renames, and a kill "
-    "between them leaves no dataset at the path (the old one sits at a hidden .old- name)",
-)
 def test_overwrite_killed_between_renames_keeps_a_dataset_at_the_path(tmp_path):
     target = tmp_path / "d.zarr"
     proc = subprocess.run(
