@@ -12,6 +12,8 @@ ran it, up to float summation order.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
 import json
 import math
@@ -46,6 +48,7 @@ __all__ = [
     "GinsengTrainer",
     "GinsengTrainerSettings",
     "make_mesh",
+    "read_checkpoint",
 ]
 
 # Exit status after SIGTERM/SIGUSR1 made the trainer write a checkpoint and stop (75 = EX_TEMPFAIL,
@@ -59,6 +62,11 @@ DATA_AXIS = "data"
 
 # Fetch the running loss for the progress bar only this often: every fetch is a host sync.
 _PROGRESS_EVERY = 50
+
+# A stop request (SIGTERM/SIGUSR1 on any process) travels with a step's gradient all-reduce and is
+# read this many steps later, so reading it never stalls the device queue; the checkpoint is
+# therefore written at most _STOP_LAG steps (or one epoch end) after the signal.
+_STOP_LAG = 2
 
 
 def _is_int(value) -> bool:
@@ -434,8 +442,8 @@ def _step_key(settings: GinsengTrainerSettings) -> tuple:
     return tuple(getattr(settings, f) for f in _STEP_FIELDS)
 
 
-def _build_train_step(settings: GinsengTrainerSettings, mesh: Mesh):
-    return _cached_train_step(_step_key(settings), mesh)
+def _build_train_step(settings: GinsengTrainerSettings, mesh: Mesh, stop_flag: bool = False):
+    return _cached_train_step(_step_key(settings), mesh, stop_flag)
 
 
 def _build_eval_step(settings: GinsengTrainerSettings, mesh: Mesh):
@@ -451,11 +459,16 @@ def _settings_from_key(key: tuple) -> GinsengTrainerSettings:
 
 
 @functools.lru_cache(maxsize=16)
-def _cached_train_step(key: tuple, mesh: Mesh):
+def _cached_train_step(key: tuple, mesh: Mesh, stop_flag: bool = False):
     """Jitted ``step(params, opt_state, metrics, key, x, y, slot, mask) -> (params, opt_state, metrics)``.
 
     ``metrics`` is a float32 ``[loss_sum, n_cells]`` accumulated on device, so that the host need not
     fetch anything per step. params, opt_state and metrics are donated.
+
+    With ``stop_flag`` the step takes one more argument, an int32 array with one entry per device
+    (sharded over ``"data"``: 1 where that device's process was asked to stop), and returns one more
+    value, its sum over all devices. The sum rides on the gradient all-reduce, so every process
+    learns that some process received SIGTERM/SIGUSR1 at no extra collective.
     """
     s = _settings_from_key(key)
 
@@ -468,7 +481,7 @@ def _cached_train_step(key: tuple, mesh: Mesh):
         )
         return _cross_entropy(logits, y)
 
-    def local_step(params, opt_state, metrics, key, x, y, slot, mask):
+    def local_step(params, opt_state, metrics, key, x, y, slot, mask, stop=None):
         keys = _cell_keys(key, opt_state.step, slot)
         # Padding rows are zero counts (finite everywhere), and masked out of the sum.
         x = jnp.where(mask[:, None], x, 0.0)
@@ -484,19 +497,25 @@ def _cached_train_step(key: tuple, mesh: Mesh):
         local_params = jax.lax.pcast(params, DATA_AXIS, to="varying")
         loss_sum, grads = jax.value_and_grad(local_loss)(local_params)
         count = jnp.sum(mask.astype(jnp.float32))
-        grads, loss_sum, count = jax.lax.psum((grads, loss_sum, count), DATA_AXIS)
+        if stop is None:
+            grads, loss_sum, count = jax.lax.psum((grads, loss_sum, count), DATA_AXIS)
+        else:
+            grads, loss_sum, count, stop_total = jax.lax.psum(
+                (grads, loss_sum, count, jnp.sum(stop)), DATA_AXIS
+            )
         grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
         params, opt_state = opt_adam_update(
             grads, params, opt_state, lr=s.lr, betas=s.betas, eps=s.eps, weight_decay=s.weight_decay
         )
-        return params, opt_state, metrics + jnp.stack([loss_sum, count])
+        out = (params, opt_state, metrics + jnp.stack([loss_sum, count]))
+        return (*out, stop_total) if stop_flag else out
 
     rep, dat = P(), P(DATA_AXIS)
     sharded = jax.shard_map(
         local_step,
         mesh=mesh,
-        in_specs=(rep, rep, rep, rep, dat, dat, dat, dat),
-        out_specs=(rep, rep, rep),
+        in_specs=(rep, rep, rep, rep, dat, dat, dat, dat) + ((dat,) if stop_flag else ()),
+        out_specs=(rep, rep, rep) + ((rep,) if stop_flag else ()),
     )
     return jax.jit(sharded, donate_argnums=(0, 1, 2))
 
@@ -582,7 +601,10 @@ def _write_tree(group, tree: dict) -> None:
         if isinstance(value, dict):
             _write_tree(group.create_group(name), value)
         else:
-            group.create_dataset(name, data=np.asarray(value))
+            value = np.asarray(value)
+            # Fletcher-32 checksums make a flipped bit an error on reading, not a silently wrong model.
+            checked = {"fletcher32": True} if value.ndim and value.size else {}
+            group.create_dataset(name, data=value, **checked)
 
 
 def _read_tree(group) -> dict:
@@ -594,11 +616,18 @@ def _read_tree(group) -> dict:
     }
 
 
-def _save_checkpoint(directory, *, params, opt_state, metrics, epoch, batch, logger, settings, identity):
-    """Write the checkpoint atomically (process 0 only): a crash mid-write keeps the previous one."""
+def _save_checkpoint(
+    directory, *, params, opt_state, metrics, train_key, epoch, batch, batches_per_epoch, logger,
+    settings, identity,
+):
+    """Write the checkpoint atomically (process 0 only): a crash mid-write keeps the previous one.
+
+    Every process fetches its (replicated) copy first, so that no process waits on another here.
+    """
     import h5py
 
     host_params, host_opt, host_metrics = _to_host(params), _to_host(opt_state), _to_host(metrics)
+    host_key = _to_host(jax.random.key_data(train_key))
     if jax.process_index() != 0:
         return
     path = Path(directory) / CHECKPOINT_NAME
@@ -606,66 +635,161 @@ def _save_checkpoint(directory, *, params, opt_state, metrics, epoch, batch, log
         f.attrs["format"] = CHECKPOINT_FORMAT
         f.attrs["format_version"] = CHECKPOINT_VERSION
         f.attrs["epoch"] = int(epoch)
-        f.attrs["batch"] = int(batch)
+        f.attrs["step_in_epoch"] = int(batch)
+        f.attrs["batches_per_epoch"] = int(batches_per_epoch)
         f.attrs["global_step"] = int(host_opt.step)
         f.attrs["settings"] = json.dumps(_settings_record(settings), sort_keys=True)
         f.attrs["dataset_identity"] = str(identity)
+        f.attrs["rng_impl"] = str(jax.random.key_impl(train_key))
+        f.attrs["device_count"] = len(train_key.sharding.device_set)
         _write_tree(f.create_group("params"), host_params)
         opt = f.create_group("opt_state")
         opt.create_dataset("step", data=np.asarray(host_opt.step))
         _write_tree(opt.create_group("m"), host_opt.m)
         _write_tree(opt.create_group("v"), host_opt.v)
-        f.create_dataset("epoch_metrics", data=np.asarray(host_metrics))
-        log = f.create_group("logger")
-        for name in ("epoch", "train_loss", "holdout_loss", "holdout_accuracy"):
-            log.create_dataset(name, data=np.asarray(getattr(logger, name), dtype=np.float64))
+        _write_tree(f.create_group("rng"), {"train_key": host_key})
+        _write_tree(f, {"epoch_metrics": host_metrics})
+        _write_tree(
+            f.create_group("logger"),
+            {
+                name: np.asarray(getattr(logger, name), dtype=np.float64)
+                for name in ("epoch", "train_loss", "holdout_loss", "holdout_accuracy")
+            },
+        )
 
 
-def _load_checkpoint(directory, settings: GinsengTrainerSettings, identity) -> dict | None:
-    """Read the checkpoint in ``directory`` (None if there is none); refuse a mismatching one."""
+def _same_tree_shape(a: dict, b: dict) -> bool:
+    if not isinstance(a, dict) or not isinstance(b, dict) or set(a) != set(b):
+        return False
+    return all(
+        _same_tree_shape(a[k], b[k]) if isinstance(a[k], dict) else np.shape(a[k]) == np.shape(b[k])
+        for k in a
+    )
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a checkpoint file written by `GinsengTrainer` (no checks against a run).
+
+    Parameters
+    ----------
+    path : str | PathLike
+        A ``checkpoint.h5`` file.
+
+    Returns
+    -------
+    dict
+        ``epoch`` (the epoch to continue in), ``step_in_epoch`` (batches of that epoch already
+        done), ``batches_per_epoch``, ``global_step`` (optimizer steps taken), ``params``,
+        ``opt_state`` (`AdamState` of numpy arrays), ``train_key`` (uint32 key data), ``rng_impl``,
+        ``metrics`` (the epoch's running ``[loss_sum, n_cells]``), ``logger`` (dict of arrays),
+        ``settings`` (dict), ``dataset_identity`` (str), ``device_count``.
+
+    Raises
+    ------
+    ValueError
+        Naming the file: not an HDF5 file, truncated or corrupted, not a ginseng checkpoint, or an
+        unknown format version (saying the version found and the one this ginseng reads).
+    """
     import h5py
 
-    path = Path(directory) / CHECKPOINT_NAME
-    if not path.exists():
-        return None
+    path = Path(path)
     try:
         f = h5py.File(path, "r")
     except OSError as err:
-        msg = f"checkpoint {str(path)!r} is not a readable HDF5 file ({err})"
+        msg = f"checkpoint {str(path)!r} is not a readable HDF5 file (truncated or corrupted?): {err}"
         raise ValueError(msg) from None
+    problem = None
     with f:
-        fmt, version = f.attrs.get("format"), f.attrs.get("format_version")
-        if fmt != CHECKPOINT_FORMAT:
+        try:
+            fmt, version = f.attrs.get("format"), f.attrs.get("format_version")
+        except (OSError, KeyError, ValueError, TypeError) as err:
+            fmt, version, problem = None, None, err
+        if problem is None and fmt != CHECKPOINT_FORMAT:
             msg = f"{str(path)!r} is not a ginseng checkpoint (format {fmt!r}, expected {CHECKPOINT_FORMAT!r})"
             raise ValueError(msg)
-        if version != CHECKPOINT_VERSION:
+        if problem is None and version != CHECKPOINT_VERSION:
             msg = (
                 f"checkpoint {str(path)!r} has format version {version}; this ginseng reads version "
-                f"{CHECKPOINT_VERSION}"
+                f"{CHECKPOINT_VERSION} (was it written by another ginseng release?)"
             )
             raise ValueError(msg)
-        if f.attrs["dataset_identity"] != str(identity):
-            msg = (
-                f"checkpoint {str(path)!r} was written for dataset {f.attrs['dataset_identity']!r}, "
-                f"not for this dataset {str(identity)!r}; use another checkpoint_dir or resume=False"
-            )
-            raise ValueError(msg)
-        saved = json.loads(f.attrs["settings"])
-        now = json.loads(json.dumps(_settings_record(settings), sort_keys=True))
-        differ = [f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
-        if differ:
-            msg = f"checkpoint {str(path)!r} was written with other settings: " + "; ".join(differ)
-            raise ValueError(msg)
-        opt = f["opt_state"]
-        log = {k: np.asarray(v[()]) for k, v in f["logger"].items()}
-        return {
-            "epoch": int(f.attrs["epoch"]),
-            "batch": int(f.attrs["batch"]),
-            "params": _read_tree(f["params"]),
-            "opt_state": AdamState(step=np.asarray(opt["step"][()]), m=_read_tree(opt["m"]), v=_read_tree(opt["v"])),
-            "metrics": np.asarray(f["epoch_metrics"][()]),
-            "logger": log,
-        }
+        if problem is None:
+            try:
+                opt = f["opt_state"]
+                rec = {
+                    "epoch": int(f.attrs["epoch"]),
+                    "step_in_epoch": int(f.attrs["step_in_epoch"]),
+                    "batches_per_epoch": int(f.attrs["batches_per_epoch"]),
+                    "global_step": int(f.attrs["global_step"]),
+                    "settings": json.loads(f.attrs["settings"]),
+                    "dataset_identity": str(f.attrs["dataset_identity"]),
+                    "rng_impl": str(f.attrs["rng_impl"]),
+                    "device_count": int(f.attrs["device_count"]),
+                    "params": _read_tree(f["params"]),
+                    "opt_state": AdamState(
+                        step=np.asarray(opt["step"][()]), m=_read_tree(opt["m"]), v=_read_tree(opt["v"])
+                    ),
+                    "train_key": np.asarray(f["rng"]["train_key"][()]),
+                    "metrics": np.asarray(f["epoch_metrics"][()]),
+                    "logger": {k: np.asarray(v[()]) for k, v in f["logger"].items()},
+                }
+            except (OSError, KeyError, ValueError, TypeError) as err:
+                problem = err
+    if problem is None:
+        consistent = (
+            rec["global_step"] == int(rec["opt_state"].step)
+            and _same_tree_shape(rec["params"], rec["opt_state"].m)
+            and _same_tree_shape(rec["params"], rec["opt_state"].v)
+            and rec["metrics"].shape == (2,)
+            and 0 <= rec["step_in_epoch"] <= rec["batches_per_epoch"]
+            and set(rec["logger"]) == {"epoch", "train_loss", "holdout_loss", "holdout_accuracy"}
+            and len({len(v) for v in rec["logger"].values()}) == 1
+        )
+        if not consistent:
+            problem = "its parts disagree (params, optimizer state, step counters or history)"
+    if problem is not None:
+        detail = problem if isinstance(problem, str) else f"{type(problem).__name__}: {problem}"
+        msg = f"checkpoint {str(path)!r} is corrupted or incomplete: {detail}"
+        raise ValueError(msg)
+    return rec
+
+
+def _load_checkpoint(directory, settings: GinsengTrainerSettings, identity, batches_per_epoch: int) -> dict | None:
+    """Read the checkpoint in ``directory`` (None if there is none); refuse a mismatching one."""
+    path = Path(directory) / CHECKPOINT_NAME
+    if not path.exists():
+        return None
+    rec = read_checkpoint(path)
+    if rec["dataset_identity"] != str(identity):
+        msg = (
+            f"checkpoint {str(path)!r} was written for dataset {rec['dataset_identity']!r}, "
+            f"not for this dataset {str(identity)!r}; use another checkpoint_dir or resume=False"
+        )
+        raise ValueError(msg)
+    saved = rec["settings"]
+    now = json.loads(json.dumps(_settings_record(settings), sort_keys=True))
+    differ = [
+        f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}"
+        for k in sorted(set(saved) | set(now))
+        if saved.get(k) != now.get(k)
+    ]
+    if differ:
+        msg = f"checkpoint {str(path)!r} was written with other settings: " + "; ".join(differ)
+        raise ValueError(msg)
+    if rec["batches_per_epoch"] != int(batches_per_epoch):
+        msg = (
+            f"checkpoint {str(path)!r} was written with {rec['batches_per_epoch']} batches per epoch, "
+            f"this run has {batches_per_epoch}; the dataset's training split changed"
+        )
+        raise ValueError(msg)
+    return rec
+
+
+def _remove_stale_temporaries(directory) -> None:
+    """Remove checkpoint temporaries left by a process killed mid-save (only ginseng's own names)."""
+    for tmp in Path(directory).glob(f".{CHECKPOINT_NAME}.tmp-*"):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 class _StopSignal:
@@ -803,41 +927,111 @@ def GinsengTrainer(
 
     init_key, train_key = jax.random.split(jax.random.key(settings.seed))
     params, opt_state = _build_init(settings, mesh, dataset.n_genes, dataset.n_labels)(init_key)
-    train_key = _replicate(jax.random.key_data(train_key), mesh)
-    train_key = jax.random.wrap_key_data(train_key)
-    train_step = _build_train_step(settings, mesh)
-    eval_step = _build_eval_step(settings, mesh)
     logger = GinsengLogger()
     identity = getattr(dataset, "identity", "")
     ckpt_dir = settings.checkpoint_dir
+    watch = ckpt_dir is not None  # SIGTERM/SIGUSR1 -> checkpoint and exit only with a place to write
+    train_step = _build_train_step(settings, mesh, stop_flag=watch)
+    eval_step = _build_eval_step(settings, mesh)
     if resume and ckpt_dir is None:
         msg = "resume=True needs settings.checkpoint_dir, got None"
         raise ValueError(msg)
     if ckpt_dir is not None and main:
         Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(ckpt_dir)
     if ckpt_dir is not None and jax.process_count() > 1:
         from ginseng import distributed
 
         distributed.barrier("ginseng_checkpoint_dir")
+    if ckpt_dir is not None and not resume and (Path(ckpt_dir) / CHECKPOINT_NAME).exists():
+        msg = (
+            f"checkpoint_dir {str(ckpt_dir)!r} already holds a checkpoint "
+            f"({CHECKPOINT_NAME}); pass resume=True to continue that run, or use another "
+            "checkpoint_dir (it is never overwritten by a new run)"
+        )
+        raise FileExistsError(msg)
 
     start_epoch, start_batch, epoch_metrics = 0, 0, np.zeros(2, np.float32)
-    restored = _load_checkpoint(ckpt_dir, settings, identity) if resume else None
+    key_data = jax.random.key_data(train_key)
+    restored = (
+        _load_checkpoint(ckpt_dir, settings, identity, train_loader.num_batches) if resume else None
+    )
+    if resume and jax.process_count() > 1:
+        # Every process must continue from the same place: a checkpoint_dir that is not on a
+        # shared filesystem would let process 0 resume while the others start over.
+        from ginseng import distributed
+
+        where = np.asarray(
+            [restored is not None]
+            + ([restored["epoch"], restored["step_in_epoch"], restored["global_step"]] if restored else [0, 0, 0]),
+            np.int32,
+        )
+        found = distributed.process_allgather(where)
+        if not np.all(found == found[0]):
+            seen = "; ".join(
+                f"process {p}: " + (f"epoch {r[1]}, step {r[2]}, global step {r[3]}" if r[0] else "no checkpoint")
+                for p, r in enumerate(found.tolist())
+            )
+            msg = (
+                f"processes found different checkpoints in checkpoint_dir {str(ckpt_dir)!r} ({seen}); "
+                "it must be one directory that every process sees (a shared filesystem)"
+            )
+            raise ValueError(msg)
     if restored is not None:
         params = _replicate(restored["params"], mesh)
         opt_state = _replicate(restored["opt_state"], mesh)
-        start_epoch, start_batch, epoch_metrics = restored["epoch"], restored["batch"], restored["metrics"]
+        key_data = restored["train_key"]
+        start_epoch, start_batch = restored["epoch"], restored["step_in_epoch"]
+        epoch_metrics = restored["metrics"]
         for name, values in restored["logger"].items():
             setattr(logger, name, [int(v) if name == "epoch" else float(v) for v in values])
         if verbose:
-            print(f"[ginseng] resuming at epoch {start_epoch + 1}, batch {start_batch}", flush=True)
+            print(
+                f"[ginseng] resuming from {str(Path(ckpt_dir) / CHECKPOINT_NAME)!r} at epoch "
+                f"{start_epoch + 1}, step {start_batch} of {train_loader.num_batches} "
+                f"(global step {restored['global_step']})",
+                flush=True,
+            )
+    train_key = jax.random.wrap_key_data(_replicate(np.asarray(key_data), mesh))
+
+    if watch:
+        # This process's stop request, one entry per local device; built once (never donated).
+        flag_sharding = NamedSharding(mesh, P(DATA_AXIS))
+        stop_flags = [
+            jax.make_array_from_process_local_data(
+                flag_sharding, np.full(layout.local_devices, v, np.int32), (mesh.devices.size,)
+            )
+            for v in (0, 1)
+        ]
+    # The all-reduced stop counts of the last steps, read _STOP_LAG steps late so that the host
+    # never waits on the step it just dispatched. Every process reads the same values at the same
+    # step, so all of them checkpoint at the same step and exit together.
+    pending: collections.deque = collections.deque()
 
     def checkpoint(epoch, batch):
         _save_checkpoint(
-            ckpt_dir, params=params, opt_state=opt_state, metrics=metrics, epoch=epoch, batch=batch,
-            logger=logger, settings=settings, identity=identity,
+            ckpt_dir, params=params, opt_state=opt_state, metrics=metrics, train_key=train_key,
+            epoch=epoch, batch=batch, batches_per_epoch=train_loader.num_batches, logger=logger,
+            settings=settings, identity=identity,
         )
 
-    with _StopSignal(active=ckpt_dir is not None) as stop:
+    def preempted(epoch, batch):
+        checkpoint(epoch, batch)
+        if jax.process_count() > 1:
+            from ginseng import distributed
+
+            distributed.barrier("ginseng_preempted")  # nobody exits before the file is in place
+        if verbose:
+            why = signal.Signals(stop.received).name if stop.received is not None else "another process's signal"
+            print(
+                f"[ginseng] {why}: checkpoint written to {str(Path(ckpt_dir) / CHECKPOINT_NAME)!r} at "
+                f"epoch {epoch + 1}, step {batch}; exiting with code {PREEMPTED_EXIT_CODE} "
+                "(resume=True continues)",
+                flush=True,
+            )
+        raise SystemExit(PREEMPTED_EXIT_CODE)
+
+    with _StopSignal(active=watch) as stop:
         for epoch in range(start_epoch, epochs):
             first = start_batch if epoch == start_epoch else 0
             metrics = _replicate(epoch_metrics if epoch == start_epoch else np.zeros(2, np.float32), mesh)
@@ -850,24 +1044,32 @@ def GinsengTrainer(
             ) as bar:
                 for i, batch in enumerate(train_loader.epoch(epoch, start_batch=first), start=first):
                     x, y, slot, mask = _global_arrays(batch, mesh, train_loader.global_batch)
-                    params, opt_state, metrics = train_step(
-                        params, opt_state, metrics, train_key, x, y, slot, mask
-                    )
+                    stop_now = False
+                    if watch:
+                        params, opt_state, metrics, stop_count = train_step(
+                            params, opt_state, metrics, train_key, x, y, slot, mask,
+                            stop_flags[stop.received is not None],
+                        )
+                        pending.append(stop_count)
+                        if len(pending) > _STOP_LAG:
+                            stop_now = int(_to_host(pending.popleft())) > 0
+                    else:
+                        params, opt_state, metrics = train_step(
+                            params, opt_state, metrics, train_key, x, y, slot, mask
+                        )
                     bar.update(1)
                     if verbose and (i + 1) % _PROGRESS_EVERY == 0:
                         total, count = _to_host(metrics)
                         bar.set_postfix(loss=f"{total / max(count, 1.0):.4f}")
-                    if stop.received is not None:
-                        checkpoint(epoch, i + 1)
-                        if verbose:
-                            name = signal.Signals(stop.received).name
-                            print(f"[ginseng] {name}: checkpoint written to {ckpt_dir}; exiting "
-                                  f"with code {PREEMPTED_EXIT_CODE}", flush=True)
-                        raise SystemExit(PREEMPTED_EXIT_CODE)
-                    if settings.checkpoint_every and (i + 1) % settings.checkpoint_every == 0 and ckpt_dir:
+                    if stop_now:
+                        preempted(epoch, i + 1)
+                    if settings.checkpoint_every and (i + 1) % settings.checkpoint_every == 0 and watch:
                         checkpoint(epoch, i + 1)
             total, count = _to_host(metrics)
             train_loss = float(total / count) if count > 0 else float("nan")
+            # The epoch is done (its metrics were just fetched): read the remaining stop counts.
+            stop_now = any(int(_to_host(c)) > 0 for c in pending)
+            pending.clear()
 
             holdout_loss = holdout_acc = float("nan")
             if holdout_loader is not None:
@@ -880,10 +1082,12 @@ def GinsengTrainer(
                     holdout_loss, holdout_acc = float(loss_sum / count), float(correct / count)
             logger.update(epoch, train_loss, holdout_loss, holdout_acc)
             logger.report(silent=not verbose)
-            if ckpt_dir is not None:
-                # (epoch + 1, batch 0): a mid-epoch checkpoint at batch == num_batches instead
+            if watch:
+                # (epoch + 1, step 0): a mid-epoch checkpoint at step == num_batches instead
                 # resumes into this epoch's holdout evaluation and log line.
                 metrics = _replicate(np.zeros(2, np.float32), mesh)
+                if stop_now and epoch + 1 < epochs:
+                    preempted(epoch + 1, 0)
                 checkpoint(epoch + 1, 0)
 
     state = GinsengModelState(

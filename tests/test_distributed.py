@@ -34,8 +34,9 @@ def _start(store, out, epochs, nproc=2, devices_per_process=2):
     port = _free_port()
     return [
         subprocess.Popen(
-            [sys.executable, str(WORKER), str(p), str(nproc), str(port), str(store), str(out),
-             str(epochs), str(BATCH), str(HIDDEN)],
+            [sys.executable, str(WORKER), "--process-id", str(p), "--num-processes", str(nproc),
+             "--port", str(port), "--store", str(store), "--out", str(out), "--epochs", str(epochs),
+             "--batch-size", str(BATCH), "--hidden", str(HIDDEN)],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for p in range(nproc)

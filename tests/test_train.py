@@ -2,8 +2,6 @@
 batches, padding), and whole training runs (reproducible bit for bit; 1 device vs 4 devices)."""
 
 import dataclasses
-import os
-import signal
 from collections import namedtuple
 
 import jax
@@ -12,7 +10,6 @@ import pandas as pd
 import pytest
 
 from ginseng.train import (
-    PREEMPTED_EXIT_CODE,
     GinsengLogger,
     GinsengModelState,
     GinsengTrainer,
@@ -355,84 +352,3 @@ def test_trainer_on_dataset_path_one_vs_four_devices(store):
     assert list(s4.genes) == list(ds.genes)
     assert list(s4.label_values) == ["type_0", "type_1", "type_2"]
     assert np.all(np.isfinite(log4.holdout_loss))
-
-
-# ------------------------------------------------------------------------------------------
-# checkpoints and resume
-# ------------------------------------------------------------------------------------------
-
-
-class Crash(Exception):
-    pass
-
-
-class InterruptingDataset(MemoryDataset):
-    """Interrupts training at a given global step: by raising (a crash) or by sending SIGTERM."""
-
-    def __init__(self, at_step, how):
-        super().__init__()
-        self.at_step, self.how, self.seen = at_step, how, 0
-
-    def loader(self, batch_size, **kwargs):
-        inner = super().loader(batch_size, **kwargs)
-        if kwargs.get("split") != "train":
-            return inner
-        outer = self
-
-        class Wrapped:
-            num_batches, global_batch = inner.num_batches, inner.global_batch
-
-            def epoch(self, epoch, start_batch=0):
-                for b in inner.epoch(epoch, start_batch):
-                    if outer.seen == outer.at_step:
-                        if outer.how == "crash":
-                            raise Crash
-                        os.kill(os.getpid(), signal.SIGTERM)
-                    outer.seen += 1
-                    yield b
-
-        return Wrapped()
-
-
-@pytest.mark.parametrize(("at_step", "how"), [(5, "crash"), (8, "crash"), (11, "sigterm")])
-def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, at_step, how):
-    # 72 train cells / batch 10 = 8 steps an epoch; checkpoints every 3 steps and at epoch ends.
-    settings = dataclasses.replace(RUN, checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=3)
-    log_ref, ref = GinsengTrainer(MemoryDataset(), RUN, epochs=2, silent=True)
-    if how == "crash":
-        with pytest.raises(Crash):
-            GinsengTrainer(InterruptingDataset(at_step, how), settings, epochs=2, silent=True)
-    else:
-        with pytest.raises(SystemExit) as exc:
-            GinsengTrainer(InterruptingDataset(at_step, how), settings, epochs=2, silent=True)
-        assert exc.value.code == PREEMPTED_EXIT_CODE == 75
-    assert (tmp_path / "ckpt" / "checkpoint.h5").exists()
-    log, resumed = GinsengTrainer(MemoryDataset(), settings, epochs=2, silent=True, resume=True)
-    assert _identical(ref.params, resumed.params)
-    assert log.to_dataframe().equals(log_ref.to_dataframe())
-
-
-def test_resume_refuses_other_settings_and_missing_dir(tmp_path):
-    settings = dataclasses.replace(RUN, checkpoint_dir=str(tmp_path / "ckpt"))
-    GinsengTrainer(MemoryDataset(), settings, epochs=1, silent=True)
-    other = dataclasses.replace(settings, lr=2e-3)
-    with pytest.raises(ValueError, match=r"other settings: lr: checkpoint 0.001, now 0.002"):
-        GinsengTrainer(MemoryDataset(), other, epochs=2, silent=True, resume=True)
-    with pytest.raises(ValueError, match="resume=True needs settings.checkpoint_dir"):
-        GinsengTrainer(MemoryDataset(), RUN, epochs=1, silent=True, resume=True)
-    # Resuming a finished run with more epochs continues it; with as many, it just returns.
-    log, _ = GinsengTrainer(MemoryDataset(), settings, epochs=2, silent=True, resume=True)
-    assert log.epoch == [0, 1]
-
-
-def test_resume_refuses_another_dataset(store, tmp_path):
-    from conftest import make_counts
-
-    from ginseng.data import GinsengDataset
-
-    settings = dataclasses.replace(RUN, checkpoint_dir=str(tmp_path / "ckpt"))
-    GinsengTrainer(store, settings, epochs=1, silent=True)
-    adata = make_counts(n_cells=150, n_genes=N_GENES, n_labels=N_CLASSES, seed=3)
-    other = GinsengDataset.create(tmp_path / "other.zarr", adata, "cell_type", chunk_size=32, silent=True)
-    with pytest.raises(ValueError, match="was written for dataset .* not for this dataset"):
-        GinsengTrainer(other, settings, epochs=2, silent=True, resume=True)

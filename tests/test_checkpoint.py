@@ -1,0 +1,509 @@
+"""Checkpoints, resume, preemption and fault injection.
+
+In-process: what a checkpoint holds, a crash or SIGTERM at a given step then resume, refusals
+(other settings, another dataset, an existing checkpoint without resume), and clear errors for
+truncated, corrupted and unknown-version files.
+
+Fault injection in subprocesses (tests/_mp_worker.py): training is SIGKILLed at seeded random
+steps several times and resumed, and killed in the middle of writing a checkpoint; for one process
+and for 2 processes x 2 devices over gloo; and SIGTERM to one of two processes makes both write one
+checkpoint at the same step and exit 75. Every resumed run must end with the uninterrupted run's
+params bit for bit and the same per-epoch history.
+"""
+
+import dataclasses
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import jax
+import numpy as np
+import pandas as pd
+import pytest
+from test_train import RUN, MemoryDataset
+
+from ginseng.train import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    PREEMPTED_EXIT_CODE,
+    GinsengTrainer,
+    GinsengTrainerSettings,
+    read_checkpoint,
+)
+
+WORKER = Path(__file__).resolve().parent / "_mp_worker.py"
+N_GENES, N_CLASSES, HIDDEN, BATCH = 24, 3, 8, 10
+CKPT = "checkpoint.h5"
+
+
+def _identical(a, b) -> bool:
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(la) == len(lb) and all(np.array_equal(u, v) for u, v in zip(la, lb))
+
+
+def _flat(params) -> dict:
+    return {f"{layer}/{name}": v for layer, sub in params.items() for name, v in sub.items()}
+
+
+def _assert_same_npz(path, params):
+    got = np.load(path)
+    want = _flat(params)
+    assert sorted(got.files) == sorted(want)
+    for name, value in want.items():
+        assert np.array_equal(got[name], value), f"{name} differs: max |diff| {np.max(np.abs(got[name] - value))}"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    from conftest import make_counts
+
+    from ginseng.data import GinsengDataset
+
+    path = tmp_path_factory.mktemp("ckpt_store") / "ds.zarr"
+    adata = make_counts(n_cells=150, n_genes=N_GENES, n_labels=N_CLASSES, seed=3)
+    GinsengDataset.create(path, adata, "cell_type", chunk_size=32, silent=True)
+    return path
+
+
+# ------------------------------------------------------------------------------------------
+# in process: contents, interruptions, refusals, damaged files
+# ------------------------------------------------------------------------------------------
+
+
+class Crash(Exception):
+    pass
+
+
+class InterruptingDataset(MemoryDataset):
+    """Interrupts training at a given global step: by raising (a crash) or by sending SIGTERM."""
+
+    def __init__(self, at_step, how):
+        super().__init__()
+        self.at_step, self.how, self.seen = at_step, how, 0
+
+    def loader(self, batch_size, **kwargs):
+        inner = super().loader(batch_size, **kwargs)
+        if kwargs.get("split") != "train":
+            return inner
+        outer = self
+
+        class Wrapped:
+            num_batches, global_batch = inner.num_batches, inner.global_batch
+
+            def epoch(self, epoch, start_batch=0):
+                for b in inner.epoch(epoch, start_batch):
+                    if outer.seen == outer.at_step:
+                        if outer.how == "crash":
+                            raise Crash
+                        os.kill(os.getpid(), signal.SIGTERM)
+                    outer.seen += 1
+                    yield b
+
+        return Wrapped()
+
+
+@pytest.mark.parametrize(("at_step", "how"), [(5, "crash"), (8, "crash"), (11, "sigterm"), (7, "sigterm")])
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, at_step, how):
+    # 72 train cells / batch 10 = 8 steps an epoch; checkpoints every 3 steps and at epoch ends.
+    # SIGTERM at step 7 is read at the epoch's end (the stop lag is 2 steps): checkpoint at the
+    # start of epoch 2.
+    settings = dataclasses.replace(RUN, checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=3)
+    log_ref, ref = GinsengTrainer(MemoryDataset(), RUN, epochs=2, silent=True)
+    if how == "crash":
+        with pytest.raises(Crash):
+            GinsengTrainer(InterruptingDataset(at_step, how), settings, epochs=2, silent=True)
+    else:
+        with pytest.raises(SystemExit) as exc:
+            GinsengTrainer(InterruptingDataset(at_step, how), settings, epochs=2, silent=True)
+        assert exc.value.code == PREEMPTED_EXIT_CODE == 75
+        rec = read_checkpoint(tmp_path / "ckpt" / CKPT)
+        # The signal came before step `at_step`; the stop is read 2 steps later (or at the epoch end).
+        assert rec["global_step"] == min(at_step + 3, 8 * (at_step // 8 + 1))
+    assert (tmp_path / "ckpt" / CKPT).exists()
+    log, resumed = GinsengTrainer(MemoryDataset(), settings, epochs=2, silent=True, resume=True)
+    assert _identical(ref.params, resumed.params)
+    assert log.to_dataframe().equals(log_ref.to_dataframe())
+
+
+def test_checkpoint_holds_the_whole_training_state(store, tmp_path):
+    from ginseng.data import GinsengDataset
+
+    settings = dataclasses.replace(RUN, checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=4)
+    log, state = GinsengTrainer(store, settings, epochs=1, silent=True)
+    rec = read_checkpoint(tmp_path / "ckpt" / CKPT)
+    ds = GinsengDataset(store)
+    n = rec["batches_per_epoch"]
+    assert n == ds.loader(BATCH, split="train", balance=True).num_batches > 4
+    # Written at the end of epoch 1: continue in epoch index 1 at its step 0.
+    assert (rec["epoch"], rec["step_in_epoch"], rec["global_step"]) == (1, 0, n)
+    assert int(rec["opt_state"].step) == n
+    assert _identical(rec["params"], state.params)
+    assert _identical(rec["opt_state"].m, jax.tree.map(np.zeros_like, state.params)) is False
+    assert jax.tree.structure(rec["opt_state"].v) == jax.tree.structure(state.params)
+    want_key = jax.random.key_data(jax.random.split(jax.random.key(settings.seed))[1])
+    np.testing.assert_array_equal(rec["train_key"], np.asarray(want_key))
+    assert rec["rng_impl"] and rec["device_count"] == len(jax.devices())
+    np.testing.assert_array_equal(rec["metrics"], [0.0, 0.0])
+    pd.testing.assert_frame_equal(
+        pd.DataFrame({k: v for k, v in rec["logger"].items()})[list(log.to_dataframe().columns)],
+        log.to_dataframe().astype(np.float64),
+    )
+    assert rec["dataset_identity"] == ds.identity
+    expected = {k: v for k, v in dataclasses.asdict(settings).items() if not k.startswith("checkpoint")}
+    expected["betas"] = list(expected["betas"])
+    assert rec["settings"] == expected
+    # Mid-epoch: a crash after 6 steps leaves the step-4 checkpoint with that epoch's running loss.
+    crash_dir = tmp_path / "crash"
+    with pytest.raises(Crash):
+        GinsengTrainer(InterruptingDataset(6, "crash"), dataclasses.replace(settings, checkpoint_dir=str(crash_dir)), epochs=1, silent=True)
+    mid = read_checkpoint(crash_dir / CKPT)
+    assert (mid["epoch"], mid["step_in_epoch"], mid["global_step"]) == (0, 4, 4)
+    assert mid["metrics"][1] == 40.0 and mid["metrics"][0] > 0  # 4 full batches of 10 cells
+    assert list(mid["logger"]["epoch"]) == []
+
+
+def test_resume_refuses_other_settings_and_missing_dir(tmp_path):
+    settings = dataclasses.replace(RUN, checkpoint_dir=str(tmp_path / "ckpt"))
+    GinsengTrainer(MemoryDataset(), settings, epochs=1, silent=True)
+    other = dataclasses.replace(settings, lr=2e-3)
+    with pytest.raises(ValueError, match=r"other settings: lr: checkpoint 0.001, now 0.002"):
+        GinsengTrainer(MemoryDataset(), other, epochs=2, silent=True, resume=True)
+    with pytest.raises(ValueError, match="resume=True needs settings.checkpoint_dir"):
+        GinsengTrainer(MemoryDataset(), RUN, epochs=1, silent=True, resume=True)
+    # A new run never overwrites another run's checkpoint.
+    before = (tmp_path / "ckpt" / CKPT).read_bytes()
+    with pytest.raises(FileExistsError, match=r"already holds a checkpoint \(checkpoint.h5\); pass resume=True"):
+        GinsengTrainer(MemoryDataset(), settings, epochs=1, silent=True)
+    assert (tmp_path / "ckpt" / CKPT).read_bytes() == before
+    # checkpoint_dir / checkpoint_every may change between a run and its resumption.
+    moved = dataclasses.replace(settings, checkpoint_every=5)
+    log, _ = GinsengTrainer(MemoryDataset(), moved, epochs=2, silent=True, resume=True)
+    assert log.epoch == [0, 1]
+    # Resuming a finished run with as many epochs just returns it.
+    log, _ = GinsengTrainer(MemoryDataset(), settings, epochs=2, silent=True, resume=True)
+    assert log.epoch == [0, 1]
+
+
+def test_resume_refuses_another_dataset(store, tmp_path):
+    from conftest import make_counts
+
+    from ginseng.data import GinsengDataset
+
+    settings = dataclasses.replace(RUN, checkpoint_dir=str(tmp_path / "ckpt"))
+    GinsengTrainer(store, settings, epochs=1, silent=True)
+    adata = make_counts(n_cells=150, n_genes=N_GENES, n_labels=N_CLASSES, seed=3)
+    other = GinsengDataset.create(tmp_path / "other.zarr", adata, "cell_type", chunk_size=32, silent=True)
+    with pytest.raises(ValueError, match="was written for dataset .* not for this dataset"):
+        GinsengTrainer(other, settings, epochs=2, silent=True, resume=True)
+
+
+@pytest.fixture
+def one_checkpoint(tmp_path):
+    settings = dataclasses.replace(RUN, checkpoint_dir=str(tmp_path / "ckpt"))
+    GinsengTrainer(MemoryDataset(), settings, epochs=1, silent=True)
+    return settings, tmp_path / "ckpt" / CKPT
+
+
+def _resume(settings):
+    return GinsengTrainer(MemoryDataset(), settings, epochs=2, silent=True, resume=True)
+
+
+def test_truncated_checkpoint_is_a_clear_error_naming_the_file(one_checkpoint):
+    settings, path = one_checkpoint
+    data = path.read_bytes()
+    for cut in (len(data) // 2, 100):
+        path.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match=rf"checkpoint '{path}' is (not a readable HDF5 file|corrupted or incomplete)"):
+            _resume(settings)
+    path.write_bytes(b"not a checkpoint at all" * 10)
+    with pytest.raises(ValueError, match=rf"checkpoint '{path}' is not a readable HDF5 file"):
+        _resume(settings)
+
+
+def test_corrupted_checkpoint_bytes_are_detected(one_checkpoint):
+    settings, path = one_checkpoint
+    with h5py.File(path, "r") as f:
+        offset = f["params/head/W"].id.get_chunk_info(0).byte_offset
+    with open(path, "r+b") as fh:  # flip one byte inside the head weights
+        fh.seek(offset + 5)
+        b = fh.read(1)
+        fh.seek(offset + 5)
+        fh.write(bytes([b[0] ^ 0xFF]))
+    with pytest.raises(ValueError, match=rf"checkpoint '{path}' is corrupted or incomplete"):
+        _resume(settings)
+
+
+def test_checkpoint_with_missing_part_or_disagreeing_parts(one_checkpoint):
+    settings, path = one_checkpoint
+    with h5py.File(path, "r+") as f:
+        del f["opt_state/v"]
+    with pytest.raises(ValueError, match=rf"checkpoint '{path}' is corrupted or incomplete: KeyError"):
+        _resume(settings)
+    GinsengTrainer(MemoryDataset(), dataclasses.replace(settings, checkpoint_dir=str(path.parent / "b")), epochs=1, silent=True)
+    other = path.parent / "b" / CKPT
+    with h5py.File(other, "r+") as f:
+        f.attrs["global_step"] = 99
+    with pytest.raises(ValueError, match=rf"'{other}' is corrupted or incomplete: its parts disagree"):
+        read_checkpoint(other)
+
+
+def test_unknown_version_and_other_format_are_refused(one_checkpoint):
+    settings, path = one_checkpoint
+    with h5py.File(path, "r+") as f:
+        f.attrs["format_version"] = CHECKPOINT_VERSION + 1
+    with pytest.raises(ValueError, match=rf"checkpoint '{path}' has format version 2; this ginseng reads version 1"):
+        _resume(settings)
+    with h5py.File(path, "r+") as f:
+        f.attrs["format"] = "ginseng.model"
+    with pytest.raises(ValueError, match=rf"'{path}' is not a ginseng checkpoint \(format 'ginseng.model', expected '{CHECKPOINT_FORMAT}'\)"):
+        _resume(settings)
+
+
+# ------------------------------------------------------------------------------------------
+# fault injection in subprocesses
+# ------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_JAX_CACHE: dict = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compilation_cache(tmp_path_factory):
+    # The workers of this module compile the same few programs: a persistent compilation cache
+    # shared by them cuts each start from ~20 s to ~6 s here (the cached programs are the same,
+    # so the results stay bit-identical to a fresh compile).
+    _JAX_CACHE["dir"] = str(tmp_path_factory.mktemp("jax_cache"))
+    yield
+    _JAX_CACHE.clear()
+
+
+def _spawn(store, out, ckpt, *, epochs, nproc=1, devices_per_process=4, extra=()):
+    env = dict(os.environ)
+    if "dir" in _JAX_CACHE:
+        env["JAX_COMPILATION_CACHE_DIR"] = _JAX_CACHE["dir"]
+        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+        env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices_per_process}"
+    env["JAX_PLATFORMS"] = "cpu"
+    port = _free_port()
+    return [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), "--process-id", str(p), "--num-processes", str(nproc),
+             "--port", str(port), "--store", str(store), "--out", str(out), "--epochs", str(epochs),
+             "--batch-size", str(BATCH), "--hidden", str(HIDDEN), "--checkpoint-dir", str(ckpt),
+             "--checkpoint-every", "2", "--resume", *extra],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for p in range(nproc)
+    ]
+
+
+def _kill_all(procs):
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+    for p in procs:
+        try:
+            p.communicate(timeout=20)
+        except (subprocess.TimeoutExpired, ValueError):
+            pass
+
+
+class Lines:
+    """Reads a subprocess's output line by line with a deadline (never blocks forever).
+
+    Reads the raw pipe (os.read), not the buffered text wrapper, so that select() sees every byte;
+    what it read is kept on ``proc.head`` for `_finish`.
+    """
+
+    def __init__(self, proc):
+        self.proc, self.buf = proc, b""
+        proc.head = getattr(proc, "head", "")
+
+    def until(self, predicate, timeout=120.0):
+        deadline = time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        while True:
+            while b"\n" in self.buf:
+                raw, self.buf = self.buf.split(b"\n", 1)
+                line = raw.decode() + "\n"
+                self.proc.head += line
+                if predicate(line):
+                    return line
+            left = deadline - time.monotonic()
+            assert left > 0, "timed out waiting for the worker:\n" + self.proc.head[-3000:]
+            ready, _, _ = select.select([fd], [], [], min(left, 1.0))
+            if ready:
+                chunk = os.read(fd, 65536)
+                assert chunk, f"worker ended ({self.proc.poll()}) early:\n" + self.proc.head[-3000:]
+                self.buf += chunk
+
+    def close(self):
+        self.proc.head += self.buf.decode()
+        self.buf = b""
+
+
+def _finish(procs, timeout=240):
+    texts = []
+    for p in procs:
+        text, _ = p.communicate(timeout=timeout)
+        texts.append(getattr(p, "head", "") + text)
+    return [p.returncode for p in procs], texts
+
+
+SP_EPOCHS = 3
+
+
+@pytest.fixture(scope="module")
+def sp_reference(store, tmp_path_factory):
+    """The uninterrupted single-process run (4 devices, same settings and checkpointing)."""
+    d = tmp_path_factory.mktemp("sp_ref")
+    settings = GinsengTrainerSettings(
+        hidden_dim=HIDDEN, batch_size=BATCH, rate=0.1, lam_max=0.3, lower=0, upper=4,
+        checkpoint_dir=str(d / "ckpt"), checkpoint_every=2,
+    )
+    log, state = GinsengTrainer(store, settings, epochs=SP_EPOCHS, silent=True)
+    return log, state
+
+
+def test_sigkill_at_random_steps_then_resume_is_bit_identical(store, tmp_path, sp_reference):
+    log_ref, ref = sp_reference
+    ckpt, out = tmp_path / "ckpt", tmp_path / "run.npz"
+    rng = np.random.default_rng(20240611)
+    steps = []
+    for _ in range(3):
+        (proc,) = _spawn(store, out, ckpt, epochs=SP_EPOCHS, extra=("--progress", "--step-delay", "0.02"))
+        try:
+            lines = Lines(proc)
+            lines.until(lambda s: s.startswith("step"))
+            for _ in range(int(rng.integers(1, 12))):
+                lines.until(lambda s: s.startswith("step"))
+            time.sleep(float(rng.uniform(0.0, 0.03)))  # anywhere in a step, a save, or the sleep
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=20)
+        finally:
+            _kill_all([proc])
+        assert proc.returncode == -signal.SIGKILL, "the run ended before the kill"
+        steps.append(read_checkpoint(ckpt / CKPT)["global_step"] if (ckpt / CKPT).exists() else 0)
+    assert steps == sorted(steps) and steps[-1] > 0, steps  # progress was kept across kills
+    codes, texts = _finish(_spawn(store, out, ckpt, epochs=SP_EPOCHS))
+    assert codes == [0], texts[0][-3000:]
+    _assert_same_npz(out, ref.params)
+    pd.testing.assert_frame_equal(pd.read_csv(f"{out}.csv", float_precision="round_trip"), log_ref.to_dataframe(), check_exact=True)
+
+
+def test_sigkill_during_a_checkpoint_save_keeps_the_previous_one(store, tmp_path, sp_reference):
+    log_ref, ref = sp_reference
+    ckpt, out = tmp_path / "ckpt", tmp_path / "run.npz"
+    (proc,) = _spawn(store, out, ckpt, epochs=SP_EPOCHS, extra=("--slow-save", "30"))
+    try:
+        lines = Lines(proc)
+        # The first save (step 2) completes; the second pauses half-written: kill it there.
+        lines.until(lambda s: s.startswith("saving 2"))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=20)
+    finally:
+        _kill_all([proc])
+    temps = list(ckpt.glob(f".{CKPT}.tmp-*"))
+    assert len(temps) == 1, sorted(p.name for p in ckpt.iterdir())
+    # The half-written file is refused with its name; the previous checkpoint is intact.
+    with pytest.raises(ValueError, match=rf"checkpoint '{temps[0]}' is (corrupted or incomplete|not a readable HDF5)"):
+        read_checkpoint(temps[0])
+    rec = read_checkpoint(ckpt / CKPT)
+    assert (rec["epoch"], rec["step_in_epoch"], rec["global_step"]) == (0, 2, 2)
+    codes, texts = _finish(_spawn(store, out, ckpt, epochs=SP_EPOCHS))
+    assert codes == [0], texts[0][-3000:]
+    _assert_same_npz(out, ref.params)
+    pd.testing.assert_frame_equal(pd.read_csv(f"{out}.csv", float_precision="round_trip"), log_ref.to_dataframe(), check_exact=True)
+    assert not list(ckpt.glob(f".{CKPT}.tmp-*"))  # the resumed run removed the stale temporary
+
+
+# 2 processes x 2 devices -----------------------------------------------------------------
+
+MP_EPOCHS = 2
+
+
+@pytest.fixture(scope="module")
+def mp_reference(store, tmp_path_factory):
+    """The uninterrupted 2 x 2 run (same settings and checkpointing): params npz and history csv."""
+    d = tmp_path_factory.mktemp("mp_ref")
+    procs = _spawn(store, d / "ref.npz", d / "ckpt", epochs=MP_EPOCHS, nproc=2, devices_per_process=2)
+    try:
+        codes, texts = _finish(procs)
+    finally:
+        _kill_all(procs)
+    assert codes == [0, 0], "\n".join(t[-2000:] for t in texts)
+    return np.load(d / "ref.npz"), pd.read_csv(f"{d / 'ref.npz'}.csv", float_precision="round_trip")
+
+
+def _mp_resume_and_compare(store, out, ckpt, mp_reference):
+    procs = _spawn(store, out, ckpt, epochs=MP_EPOCHS, nproc=2, devices_per_process=2)
+    try:
+        codes, texts = _finish(procs)
+    finally:
+        _kill_all(procs)
+    assert codes == [0, 0], "\n".join(t[-2000:] for t in texts)
+    ref_params, ref_log = mp_reference
+    got = np.load(out)
+    assert sorted(got.files) == sorted(ref_params.files)
+    for name in ref_params.files:
+        assert np.array_equal(got[name], ref_params[name]), name
+    pd.testing.assert_frame_equal(pd.read_csv(f"{out}.csv", float_precision="round_trip"), ref_log, check_exact=True)
+
+
+def _wait_steps(procs, n):
+    lines = Lines(procs[0])
+    for _ in range(n):
+        lines.until(lambda s: s.startswith("step"))
+    lines.close()
+
+
+@pytest.mark.slow
+def test_two_processes_sigkill_both_then_resume_is_bit_identical(store, tmp_path, mp_reference):
+    ckpt, out = tmp_path / "ckpt", tmp_path / "run.npz"
+    procs = _spawn(store, out, ckpt, epochs=MP_EPOCHS, nproc=2, devices_per_process=2,
+                   extra=("--progress", "--step-delay", "0.03"))
+    try:
+        _wait_steps(procs, 9)
+        for p in procs:
+            p.send_signal(signal.SIGKILL)
+        for p in procs:
+            p.wait(timeout=20)
+    finally:
+        _kill_all(procs)
+    assert [p.returncode for p in procs] == [-signal.SIGKILL] * 2
+    assert read_checkpoint(ckpt / CKPT)["global_step"] >= 2
+    _mp_resume_and_compare(store, out, ckpt, mp_reference)
+
+
+@pytest.mark.parametrize("victim", [1])
+def test_sigterm_to_one_process_stops_both_at_one_step(store, tmp_path, mp_reference, victim):
+    ckpt, out = tmp_path / "ckpt", tmp_path / "run.npz"
+    procs = _spawn(store, out, ckpt, epochs=MP_EPOCHS, nproc=2, devices_per_process=2,
+                   extra=("--progress", "--step-delay", "0.03"))
+    try:
+        _wait_steps(procs, 5)
+        procs[victim].send_signal(signal.SIGTERM)
+        codes, texts = _finish(procs, timeout=120)
+    finally:
+        _kill_all(procs)
+    assert codes == [PREEMPTED_EXIT_CODE] * 2, "\n".join(t[-2000:] for t in texts)
+    # Both processes consumed the same batches, and the checkpoint sits right after the last one.
+    last = [[ln.split() for ln in t.splitlines() if ln.startswith("step")][-1] for t in texts]
+    assert last[0] == last[1], last
+    rec = read_checkpoint(ckpt / CKPT)
+    epoch, batch = int(last[0][1]), int(last[0][2])
+    assert (rec["epoch"], rec["step_in_epoch"]) in {(epoch, batch + 1), (epoch + 1, 0)}
+    _mp_resume_and_compare(store, out, ckpt, mp_reference)
