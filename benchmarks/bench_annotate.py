@@ -4,8 +4,9 @@ For every size (default 100,000 and 1,000,000 cells x 2,000 genes) it writes a s
 h5ad out of core (CSR, row blocks appended to resizable HDF5 datasets in the anndata layout), then
 runs, each in a fresh subprocess:
 
-- ``annotate(model.h5, cells.h5ad, backed=True, output=out.parquet)`` -> cells/s, peak RSS
-  (``ru_maxrss`` of that process), output rows checked;
+- ``annotate(model.h5, cells.h5ad, backed=True, output=out.parquet)`` -> cells/s (wall time of
+  the whole call: model load, open, compile, stream, write), peak RSS (VmHWM of that process),
+  output rows checked;
 - the forward-pass compute ceiling: the same jitted forward (``ginseng.annotate._build_forward``,
   same batch size, devices and settings) applied repeatedly to one in-memory batch -> cells/s.
 
@@ -97,6 +98,18 @@ def make_model(path: Path, genes: list[str], n_classes: int, hidden: int) -> Non
 
 
 def peak_rss_mb() -> float:
+    """Peak RSS of this process's own address space.
+
+    VmHWM, not ``ru_maxrss``: Linux carries ``ru_maxrss`` over from the parent across
+    fork + exec, so a child would report the benchmark driver's peak if it was larger.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 

@@ -22,7 +22,9 @@ import os
 import queue
 import re
 import threading
+import types
 import warnings
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -603,8 +605,56 @@ def _load_model(model_state) -> GinsengModelState:
     raise TypeError(msg)
 
 
-def _open_input(adata, backed: bool):
-    """Return (source, kind) with kind in {"adata", "backed", "path", "dataset"}."""
+class _H5adStream:
+    """A backed .h5ad read with h5py alone: counts streamed, barcodes read block by block.
+
+    anndata's backed mode still loads all of ``obs`` (for a million cells, ~100 MB of Python
+    strings plus an index hash table), which makes memory grow with the number of cells. When
+    nothing but the counts, the genes and the barcodes is needed, this reads just those.
+    """
+
+    def __init__(self, path: Path):
+        from anndata.io import read_elem
+
+        self.file = h5py.File(path, "r")
+        self._finalizer = weakref.finalize(self, self.file.close)
+        try:
+            X = self.file["X"]
+            if isinstance(X, h5py.Group):
+                if X.attrs.get("encoding-type") != "csr_matrix":
+                    msg = f"X is {X.attrs.get('encoding-type')!r}, not CSR"
+                    raise ValueError(msg)
+                self.X = types.SimpleNamespace(group=X, format="csr")
+                self.n_obs, self.n_vars = (int(v) for v in X.attrs["shape"])
+            else:
+                self.X = X
+                self.n_obs, self.n_vars = (int(v) for v in X.shape)
+            self.var = read_elem(self.file["var"])
+            self.var_names = self.var.index
+            obs = self.file["obs"]
+            self._barcodes = obs[obs.attrs["_index"]]
+            if self._barcodes.shape != (self.n_obs,) or self.var.shape[0] != self.n_vars:
+                msg = "obs / var do not match X"
+                raise ValueError(msg)
+        except Exception:
+            self.close()
+            raise
+
+    def barcodes(self, a: int, b: int) -> np.ndarray:
+        ds = self._barcodes
+        vals = ds.asstr()[a:b] if h5py.check_string_dtype(ds.dtype) else ds[a:b]
+        return np.asarray(vals).astype(str)
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+def _open_input(adata, backed: bool, light: bool = False):
+    """Return (source, kind) with kind in {"adata", "backed", "path", "h5ad", "dataset"}.
+
+    ``light``: a backed .h5ad path may be opened as an :class:`_H5adStream` (kind "h5ad") when the
+    caller needs no obs column and no AnnData back.
+    """
     if isinstance(adata, anndata.AnnData):
         return adata, ("backed" if adata.isbacked else "adata")
     if _is_ginseng_dataset(adata):
@@ -612,7 +662,11 @@ def _open_input(adata, backed: bool):
     if isinstance(adata, (str, os.PathLike)):
         from ginseng.io import read_adata
 
-        return read_adata(adata, backed=backed), "path"
+        path = Path(adata)
+        if light and backed and path.suffix.lower() == ".h5ad" and path.is_file():
+            with contextlib.suppress(Exception):  # any other layout: anndata reads it
+                return _H5adStream(path), "h5ad"
+        return read_adata(path, backed=backed), "path"
     msg = f"adata must be an AnnData, a GinsengDataset or a path, got {type(adata).__name__}"
     raise TypeError(msg)
 
@@ -698,7 +752,8 @@ def annotate(
         barcode, cell_type, confidence (+ entropy), plus ``<output stem>.zarr`` with arrays
         ``probs`` / ``attn`` when ``return_probs`` / ``return_attn``. Everything is written under
         temporary names and renamed into place at the end. The function then returns None and no
-        (cells x classes) or (cells x genes) array is held in memory.
+        (cells x classes) or (cells x genes) array is held in memory (``copy`` and
+        ``return_table`` do not apply; the input is not modified).
     overwrite : bool
         Replace existing output (and report) files; otherwise they are refused.
     n_samples : int
@@ -714,7 +769,11 @@ def annotate(
     report_dir : str | Path | None
         Folder for the truth report (must exist).
     devices : list of jax.Device | None
-        Devices to shard batches over (default: all devices, all processes).
+        Devices to shard batches over (default: all devices, all processes). Under
+        ``jax.distributed`` every process must call ``annotate`` with the same arguments; each
+        reads its own contiguous rows of every global batch, results are gathered after each
+        batch, process 0 alone writes files, and without ``output`` every process gets all
+        results.
     silent : bool
         Disable the progress bar and the printed report.
 
@@ -776,7 +835,7 @@ def annotate(
             check_writable_target(p, overwrite, "report")
 
     state = _load_model(model_state)
-    source, kind = _open_input(adata, backed)
+    source, kind = _open_input(adata, backed, light=truth_key is None and not copy)
     model_genes = np.asarray(state.genes).astype(str)
     label_values = np.asarray(state.label_values)
     label_str = [str(v) for v in label_values]
@@ -793,8 +852,11 @@ def annotate(
         input_genes = _input_gene_names(source.var, source.var_names, gene_key)
         gmap = _map_genes(input_genes, model_genes, gene_key=gene_key, var_columns=source.var.columns)
         n_cells = int(source.n_obs)
-        obs_names = source.obs_names
-        barcodes_of = lambda a, b: np.asarray(obs_names[a:b]).astype(str)
+        if kind == "h5ad":
+            barcodes_of = source.barcodes
+        else:
+            obs_names = source.obs_names
+            barcodes_of = lambda a, b: np.asarray(obs_names[a:b]).astype(str)
 
     truth_of = None
     truth_labels: list[str] = []
@@ -845,7 +907,7 @@ def annotate(
 
     # ---- where results go ----
     in_memory = out_path is None
-    force_table = kind in ("path", "dataset")
+    force_table = kind in ("path", "h5ad", "dataset")
     want_table = bool(return_table) or force_table
     res: dict[str, np.ndarray] = {}
     if in_memory:
@@ -953,11 +1015,15 @@ def annotate(
                               report_paths[0], report_paths[1], overwrite)
 
     if not in_memory:
+        if kind == "h5ad":
+            source.close()
         return None
 
     # ---- in-memory results ----
     cell_type = pd.Categorical.from_codes(res["pred"], categories=pd.Index(label_values))
     barcodes = barcodes_of(0, n_cells)
+    if kind == "h5ad":
+        source.close()
     obs_cols = {"ginseng_cell_type": cell_type, "ginseng_confidence": res["conf"]}
     if n_samples > 1:
         obs_cols["ginseng_entropy"] = res["entropy"]

@@ -291,6 +291,13 @@ def test_ginseng_dataset_input(adata, state, tmp_path):
     table, probs = annotate(state, ds, return_probs=True, batch_size=16, silent=True)
     np.testing.assert_allclose(probs.to_numpy(), ref, rtol=1e-5, atol=1e-7)
     assert list(table.barcode) == [str(i) for i in range(N_CELLS)]
+    annotate(state, ds, truth_key="labels", report_dir=tmp_path, silent=True)
+    rep = pd.read_csv(tmp_path / "annotate_report.csv").set_index("cell_type")
+    truth = adata.obs["cell_type"].astype(str).to_numpy()
+    pred = table.cell_type.astype(str).to_numpy()
+    t0 = min(truth)
+    assert rep.loc[t0, "support"] == np.sum(truth == t0)
+    assert rep.loc[t0, "recall"] == pytest.approx(np.mean(pred[truth == t0] == t0))
 
 
 _MP_WORKER = r'''
