@@ -378,56 +378,102 @@ def sp_reference(store, tmp_path_factory):
     return log, state
 
 
-def test_sigkill_at_random_steps_then_resume_is_bit_identical(store, tmp_path, sp_reference):
-    log_ref, ref = sp_reference
-    ckpt, out = tmp_path / "ckpt", tmp_path / "run.npz"
-    rng = np.random.default_rng(20240611)
-    steps = []
-    for _ in range(3):
-        (proc,) = _spawn(store, out, ckpt, epochs=SP_EPOCHS, extra=("--progress", "--step-delay", "0.02"))
-        try:
-            lines = Lines(proc)
-            lines.until(lambda s: s.startswith("step"))
-            for _ in range(int(rng.integers(1, 12))):
-                lines.until(lambda s: s.startswith("step"))
-            time.sleep(float(rng.uniform(0.0, 0.03)))  # anywhere in a step, a save, or the sleep
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=20)
-        finally:
-            _kill_all([proc])
-        assert proc.returncode == -signal.SIGKILL, "the run ended before the kill"
-        steps.append(read_checkpoint(ckpt / CKPT)["global_step"] if (ckpt / CKPT).exists() else 0)
-    assert steps == sorted(steps) and steps[-1] > 0, steps  # progress was kept across kills
-    codes, texts = _finish(_spawn(store, out, ckpt, epochs=SP_EPOCHS))
-    assert codes == [0], texts[0][-3000:]
-    _assert_same_npz(out, ref.params)
-    pd.testing.assert_frame_equal(pd.read_csv(f"{out}.csv", float_precision="round_trip"), log_ref.to_dataframe(), check_exact=True)
-
-
-def test_sigkill_during_a_checkpoint_save_keeps_the_previous_one(store, tmp_path, sp_reference):
-    log_ref, ref = sp_reference
-    ckpt, out = tmp_path / "ckpt", tmp_path / "run.npz"
-    (proc,) = _spawn(store, out, ckpt, epochs=SP_EPOCHS, extra=("--slow-save", "30"))
+def _kill_at_random_step(store, out, ckpt, rng):
+    (proc,) = _spawn(store, out, ckpt, epochs=SP_EPOCHS, extra=("--progress", "--step-delay", "0.02"))
     try:
         lines = Lines(proc)
-        # The first save (step 2) completes; the second pauses half-written: kill it there.
+        for _ in range(int(rng.integers(2, 14))):
+            lines.until(lambda s: s.startswith("step"))
+        time.sleep(float(rng.uniform(0.0, 0.03)))  # anywhere in a step, a save, or the sleep
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=20)
+    finally:
+        _kill_all([proc])
+    assert proc.returncode == -signal.SIGKILL, "the run ended before the kill"
+
+
+def _kill_mid_save(store, out, ckpt):
+    """Kill the run while its second checkpoint is half-written; return the first one's position."""
+    (proc,) = _spawn(store, out, ckpt, epochs=SP_EPOCHS, extra=("--progress", "--slow-save", "30"))
+    try:
+        lines = Lines(proc)
+        last_step = None
+
+        def watch(line):
+            nonlocal last_step
+            if line.startswith("step"):
+                last_step = line.split()[1:]
+            return line.startswith("saving 1")
+
+        lines.until(watch)
+        first = (int(last_step[0]), int(last_step[1]) + 1)
+        # The first save completes; the second pauses half-written: kill it there.
         lines.until(lambda s: s.startswith("saving 2"))
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=20)
     finally:
         _kill_all([proc])
+    assert proc.returncode == -signal.SIGKILL
+    return first
+
+
+def test_sigkill_at_random_steps_and_mid_save_then_resume_is_bit_identical(store, tmp_path, sp_reference):
+    log_ref, ref = sp_reference
+    ckpt, out = tmp_path / "ckpt", tmp_path / "run.npz"
+    rng = np.random.default_rng(20240611)
+    steps = []
+    for _ in range(3):
+        _kill_at_random_step(store, out, ckpt, rng)
+        steps.append(read_checkpoint(ckpt / CKPT)["global_step"] if (ckpt / CKPT).exists() else 0)
+    assert steps == sorted(steps) and steps[-1] > 0, steps  # progress was kept across kills
+
+    first = _kill_mid_save(store, out, ckpt)
     temps = list(ckpt.glob(f".{CKPT}.tmp-*"))
-    assert len(temps) == 1, sorted(p.name for p in ckpt.iterdir())
+    assert len(temps) == 1, sorted(p.name for p in ckpt.iterdir())  # older ones were cleaned up
     # The half-written file is refused with its name; the previous checkpoint is intact.
     with pytest.raises(ValueError, match=rf"checkpoint '{temps[0]}' is (corrupted or incomplete|not a readable HDF5)"):
         read_checkpoint(temps[0])
     rec = read_checkpoint(ckpt / CKPT)
-    assert (rec["epoch"], rec["step_in_epoch"], rec["global_step"]) == (0, 2, 2)
+    assert (rec["epoch"], rec["step_in_epoch"]) == first or (rec["epoch"], rec["step_in_epoch"]) == (first[0] + 1, 0)
+    assert rec["global_step"] > steps[-1]
+
     codes, texts = _finish(_spawn(store, out, ckpt, epochs=SP_EPOCHS))
     assert codes == [0], texts[0][-3000:]
     _assert_same_npz(out, ref.params)
     pd.testing.assert_frame_equal(pd.read_csv(f"{out}.csv", float_precision="round_trip"), log_ref.to_dataframe(), check_exact=True)
     assert not list(ckpt.glob(f".{CKPT}.tmp-*"))  # the resumed run removed the stale temporary
+
+
+def test_stop_requests_are_summed_over_all_devices():
+    # The flag of one device (as if one process of several got SIGTERM) reaches every device.
+    from test_train import SETTINGS, _batches, _pad
+
+    from ginseng.train import (
+        _build_init,
+        _build_train_step,
+        _global_arrays,
+        _replicate,
+        _to_host,
+        make_mesh,
+    )
+
+    mesh = make_mesh(jax.devices())
+    params, opt = _build_init(SETTINGS, mesh, 24, 3)(jax.random.key(0))
+    key = jax.random.wrap_key_data(_replicate(jax.random.key_data(jax.random.key(5)), mesh))
+    step = _build_train_step(SETTINGS, mesh, stop_flag=True)
+    plain = _build_train_step(SETTINGS, mesh)
+    (x, y), = _batches(8, 1)
+    arrays = _global_arrays(_pad(x, y, 8), mesh, 8)
+    for flags, want in (([0, 0, 0, 0], 0), ([0, 0, 1, 0], 1), ([1, 1, 1, 1], 4)):
+        p, o = jax.tree.map(lambda a: a.copy(), (params, opt))
+        m = _replicate(np.zeros(2, np.float32), mesh)
+        flag = _global_arrays(_pad(np.zeros((4, 24), np.float32), np.asarray(flags, np.int32), 4), mesh, 4)[1]
+        p, o, m, count = step(p, o, m, key, *arrays, flag)
+        assert count.sharding.is_fully_replicated
+        assert [int(s.data) for s in count.addressable_shards] == [want] * 4
+    # The flag changes nothing else: the same params as the step without it.
+    p2, _, _ = plain(*jax.tree.map(lambda a: a.copy(), (params, opt)), _replicate(np.zeros(2, np.float32), mesh), key, *arrays)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(_to_host(p)), jax.tree.leaves(_to_host(p2))))
 
 
 # 2 processes x 2 devices -----------------------------------------------------------------
@@ -488,6 +534,7 @@ def test_two_processes_sigkill_both_then_resume_is_bit_identical(store, tmp_path
     _mp_resume_and_compare(store, out, ckpt, mp_reference)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("victim", [1])
 def test_sigterm_to_one_process_stops_both_at_one_step(store, tmp_path, mp_reference, victim):
     ckpt, out = tmp_path / "ckpt", tmp_path / "run.npz"
