@@ -901,137 +901,140 @@ def GinsengTrainer(
     main = jax.process_index() == 0
     verbose = main and not silent
 
-    dataset = _open_dataset(dataset)
-    mesh = make_mesh(devices)
-    layout = _layout(mesh)
-    dataset = _prepare_holdout(dataset, settings)
+    # With a checkpoint_dir, SIGTERM/SIGUSR1 only set a flag from here on (also while opening the
+    # dataset, compiling or restoring), so that a preempted job always leaves through a
+    # checkpoint and PREEMPTED_EXIT_CODE.
+    watch = settings.checkpoint_dir is not None
+    with _StopSignal(active=watch) as stop:
+        dataset = _open_dataset(dataset)
+        mesh = make_mesh(devices)
+        layout = _layout(mesh)
+        dataset = _prepare_holdout(dataset, settings)
 
-    loader_kwargs = {
-        "batch_size": settings.batch_size, "seed": settings.seed, "pad_multiple": layout.local_devices,
-        "process_index": layout.process_index, "process_count": layout.process_count,
-    }
-    train_loader = dataset.loader(
-        split="train", shuffle=True, balance=settings.balance_train, **loader_kwargs
-    )
-    n_holdout = len(dataset.holdout_indices)
-    holdout_loader = (
-        dataset.loader(split="holdout", shuffle=False, balance=False, **loader_kwargs)
-        if n_holdout > 0
-        else None
-    )
-    if holdout_loader is None and main:
-        warnings.warn(
-            "the dataset has no holdout cells: holdout loss and accuracy are logged as NaN",
-            stacklevel=2,
+        loader_kwargs = {
+            "batch_size": settings.batch_size, "seed": settings.seed, "pad_multiple": layout.local_devices,
+            "process_index": layout.process_index, "process_count": layout.process_count,
+        }
+        train_loader = dataset.loader(
+            split="train", shuffle=True, balance=settings.balance_train, **loader_kwargs
         )
-
-    init_key, train_key = jax.random.split(jax.random.key(settings.seed))
-    params, opt_state = _build_init(settings, mesh, dataset.n_genes, dataset.n_labels)(init_key)
-    logger = GinsengLogger()
-    identity = getattr(dataset, "identity", "")
-    ckpt_dir = settings.checkpoint_dir
-    watch = ckpt_dir is not None  # SIGTERM/SIGUSR1 -> checkpoint and exit only with a place to write
-    train_step = _build_train_step(settings, mesh, stop_flag=watch)
-    eval_step = _build_eval_step(settings, mesh)
-    if resume and ckpt_dir is None:
-        msg = "resume=True needs settings.checkpoint_dir, got None"
-        raise ValueError(msg)
-    if ckpt_dir is not None and main:
-        Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
-        _remove_stale_temporaries(ckpt_dir)
-    if ckpt_dir is not None and jax.process_count() > 1:
-        from ginseng import distributed
-
-        distributed.barrier("ginseng_checkpoint_dir")
-    if ckpt_dir is not None and not resume and (Path(ckpt_dir) / CHECKPOINT_NAME).exists():
-        msg = (
-            f"checkpoint_dir {str(ckpt_dir)!r} already holds a checkpoint "
-            f"({CHECKPOINT_NAME}); pass resume=True to continue that run, or use another "
-            "checkpoint_dir (it is never overwritten by a new run)"
+        n_holdout = len(dataset.holdout_indices)
+        holdout_loader = (
+            dataset.loader(split="holdout", shuffle=False, balance=False, **loader_kwargs)
+            if n_holdout > 0
+            else None
         )
-        raise FileExistsError(msg)
-
-    start_epoch, start_batch, epoch_metrics = 0, 0, np.zeros(2, np.float32)
-    key_data = jax.random.key_data(train_key)
-    restored = (
-        _load_checkpoint(ckpt_dir, settings, identity, train_loader.num_batches) if resume else None
-    )
-    if resume and jax.process_count() > 1:
-        # Every process must continue from the same place: a checkpoint_dir that is not on a
-        # shared filesystem would let process 0 resume while the others start over.
-        from ginseng import distributed
-
-        where = np.asarray(
-            [restored is not None]
-            + ([restored["epoch"], restored["step_in_epoch"], restored["global_step"]] if restored else [0, 0, 0]),
-            np.int32,
-        )
-        found = distributed.process_allgather(where)
-        if not np.all(found == found[0]):
-            seen = "; ".join(
-                f"process {p}: " + (f"epoch {r[1]}, step {r[2]}, global step {r[3]}" if r[0] else "no checkpoint")
-                for p, r in enumerate(found.tolist())
+        if holdout_loader is None and main:
+            warnings.warn(
+                "the dataset has no holdout cells: holdout loss and accuracy are logged as NaN",
+                stacklevel=2,
             )
-            msg = (
-                f"processes found different checkpoints in checkpoint_dir {str(ckpt_dir)!r} ({seen}); "
-                "it must be one directory that every process sees (a shared filesystem)"
-            )
+
+        init_key, train_key = jax.random.split(jax.random.key(settings.seed))
+        params, opt_state = _build_init(settings, mesh, dataset.n_genes, dataset.n_labels)(init_key)
+        logger = GinsengLogger()
+        identity = getattr(dataset, "identity", "")
+        ckpt_dir = settings.checkpoint_dir
+        train_step = _build_train_step(settings, mesh, stop_flag=watch)
+        eval_step = _build_eval_step(settings, mesh)
+        if resume and ckpt_dir is None:
+            msg = "resume=True needs settings.checkpoint_dir, got None"
             raise ValueError(msg)
-    if restored is not None:
-        params = _replicate(restored["params"], mesh)
-        opt_state = _replicate(restored["opt_state"], mesh)
-        key_data = restored["train_key"]
-        start_epoch, start_batch = restored["epoch"], restored["step_in_epoch"]
-        epoch_metrics = restored["metrics"]
-        for name, values in restored["logger"].items():
-            setattr(logger, name, [int(v) if name == "epoch" else float(v) for v in values])
-        if verbose:
-            print(
-                f"[ginseng] resuming from {str(Path(ckpt_dir) / CHECKPOINT_NAME)!r} at epoch "
-                f"{start_epoch + 1}, step {start_batch} of {train_loader.num_batches} "
-                f"(global step {restored['global_step']})",
-                flush=True,
-            )
-    train_key = jax.random.wrap_key_data(_replicate(np.asarray(key_data), mesh))
-
-    if watch:
-        # This process's stop request, one entry per local device; built once (never donated).
-        flag_sharding = NamedSharding(mesh, P(DATA_AXIS))
-        stop_flags = [
-            jax.make_array_from_process_local_data(
-                flag_sharding, np.full(layout.local_devices, v, np.int32), (mesh.devices.size,)
-            )
-            for v in (0, 1)
-        ]
-    # The all-reduced stop counts of the last steps, read _STOP_LAG steps late so that the host
-    # never waits on the step it just dispatched. Every process reads the same values at the same
-    # step, so all of them checkpoint at the same step and exit together.
-    pending: collections.deque = collections.deque()
-
-    def checkpoint(epoch, batch):
-        _save_checkpoint(
-            ckpt_dir, params=params, opt_state=opt_state, metrics=metrics, train_key=train_key,
-            epoch=epoch, batch=batch, batches_per_epoch=train_loader.num_batches, logger=logger,
-            settings=settings, identity=identity,
-        )
-
-    def preempted(epoch, batch):
-        checkpoint(epoch, batch)
-        if jax.process_count() > 1:
+        if ckpt_dir is not None and main:
+            Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
+            _remove_stale_temporaries(ckpt_dir)
+        if ckpt_dir is not None and jax.process_count() > 1:
             from ginseng import distributed
 
-            distributed.barrier("ginseng_preempted")  # nobody exits before the file is in place
-        if verbose:
-            why = signal.Signals(stop.received).name if stop.received is not None else "another process's signal"
-            print(
-                f"[ginseng] {why}: checkpoint written to {str(Path(ckpt_dir) / CHECKPOINT_NAME)!r} at "
-                f"epoch {epoch + 1}, step {batch}; exiting with code {PREEMPTED_EXIT_CODE} "
-                "(resume=True continues)",
-                flush=True,
+            distributed.barrier("ginseng_checkpoint_dir")
+        if ckpt_dir is not None and not resume and (Path(ckpt_dir) / CHECKPOINT_NAME).exists():
+            msg = (
+                f"checkpoint_dir {str(ckpt_dir)!r} already holds a checkpoint "
+                f"({CHECKPOINT_NAME}); pass resume=True to continue that run, or use another "
+                "checkpoint_dir (it is never overwritten by a new run)"
             )
-        raise SystemExit(PREEMPTED_EXIT_CODE)
+            raise FileExistsError(msg)
 
-    with _StopSignal(active=watch) as stop:
+        start_epoch, start_batch, epoch_metrics = 0, 0, np.zeros(2, np.float32)
+        key_data = jax.random.key_data(train_key)
+        restored = (
+            _load_checkpoint(ckpt_dir, settings, identity, train_loader.num_batches) if resume else None
+        )
+        if resume and jax.process_count() > 1:
+            # Every process must continue from the same place: a checkpoint_dir that is not on a
+            # shared filesystem would let process 0 resume while the others start over.
+            from ginseng import distributed
+
+            where = np.asarray(
+                [restored is not None]
+                + ([restored["epoch"], restored["step_in_epoch"], restored["global_step"]] if restored else [0, 0, 0]),
+                np.int32,
+            )
+            found = distributed.process_allgather(where)
+            if not np.all(found == found[0]):
+                seen = "; ".join(
+                    f"process {p}: " + (f"epoch {r[1]}, step {r[2]}, global step {r[3]}" if r[0] else "no checkpoint")
+                    for p, r in enumerate(found.tolist())
+                )
+                msg = (
+                    f"processes found different checkpoints in checkpoint_dir {str(ckpt_dir)!r} ({seen}); "
+                    "it must be one directory that every process sees (a shared filesystem)"
+                )
+                raise ValueError(msg)
+        if restored is not None:
+            params = _replicate(restored["params"], mesh)
+            opt_state = _replicate(restored["opt_state"], mesh)
+            key_data = restored["train_key"]
+            start_epoch, start_batch = restored["epoch"], restored["step_in_epoch"]
+            epoch_metrics = restored["metrics"]
+            for name, values in restored["logger"].items():
+                setattr(logger, name, [int(v) if name == "epoch" else float(v) for v in values])
+            if verbose:
+                print(
+                    f"[ginseng] resuming from {str(Path(ckpt_dir) / CHECKPOINT_NAME)!r} at epoch "
+                    f"{start_epoch + 1}, step {start_batch} of {train_loader.num_batches} "
+                    f"(global step {restored['global_step']})",
+                    flush=True,
+                )
+        train_key = jax.random.wrap_key_data(_replicate(np.asarray(key_data), mesh))
+
+        if watch:
+            # This process's stop request, one entry per local device; built once (never donated).
+            flag_sharding = NamedSharding(mesh, P(DATA_AXIS))
+            stop_flags = [
+                jax.make_array_from_process_local_data(
+                    flag_sharding, np.full(layout.local_devices, v, np.int32), (mesh.devices.size,)
+                )
+                for v in (0, 1)
+            ]
+        # The all-reduced stop counts of the last steps, read _STOP_LAG steps late so that the host
+        # never waits on the step it just dispatched. Every process reads the same values at the same
+        # step, so all of them checkpoint at the same step and exit together.
+        pending: collections.deque = collections.deque()
+
+        def checkpoint(epoch, batch):
+            _save_checkpoint(
+                ckpt_dir, params=params, opt_state=opt_state, metrics=metrics, train_key=train_key,
+                epoch=epoch, batch=batch, batches_per_epoch=train_loader.num_batches, logger=logger,
+                settings=settings, identity=identity,
+            )
+
+        def preempted(epoch, batch):
+            checkpoint(epoch, batch)
+            if jax.process_count() > 1:
+                from ginseng import distributed
+
+                distributed.barrier("ginseng_preempted")  # nobody exits before the file is in place
+            if verbose:
+                why = signal.Signals(stop.received).name if stop.received is not None else "another process's signal"
+                print(
+                    f"[ginseng] {why}: checkpoint written to {str(Path(ckpt_dir) / CHECKPOINT_NAME)!r} at "
+                    f"epoch {epoch + 1}, step {batch}; exiting with code {PREEMPTED_EXIT_CODE} "
+                    "(resume=True continues)",
+                    flush=True,
+                )
+            raise SystemExit(PREEMPTED_EXIT_CODE)
+
         for epoch in range(start_epoch, epochs):
             first = start_batch if epoch == start_epoch else 0
             metrics = _replicate(epoch_metrics if epoch == start_epoch else np.zeros(2, np.float32), mesh)

@@ -131,6 +131,25 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, at_step, how
     assert log.to_dataframe().equals(log_ref.to_dataframe())
 
 
+class SignalBeforeTraining(MemoryDataset):
+    def make_holdout(self, *args, **kwargs):
+        super().make_holdout(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGUSR1)  # before the first step is even compiled
+
+
+def test_signal_during_start_up_still_checkpoints_and_exits_75(tmp_path, capsys):
+    settings = dataclasses.replace(RUN, checkpoint_dir=str(tmp_path / "ckpt"))
+    with pytest.raises(SystemExit) as exc:
+        GinsengTrainer(SignalBeforeTraining(), settings, epochs=2, silent=False)
+    assert exc.value.code == PREEMPTED_EXIT_CODE
+    rec = read_checkpoint(tmp_path / "ckpt" / CKPT)
+    assert (rec["epoch"], rec["step_in_epoch"], rec["global_step"]) == (0, 3, 3)  # read 2 steps late
+    out = capsys.readouterr().out
+    assert f"SIGUSR1: checkpoint written to '{tmp_path / 'ckpt' / CKPT}' at epoch 1, step 3; exiting with code 75" in out
+    # Without a checkpoint_dir the signals keep their default meaning (nothing to resume from).
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+
+
 def test_checkpoint_holds_the_whole_training_state(store, tmp_path):
     from ginseng.data import GinsengDataset
 
@@ -535,7 +554,7 @@ def test_two_processes_sigkill_both_then_resume_is_bit_identical(store, tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("victim", [1])
+@pytest.mark.parametrize("victim", [1, 0])
 def test_sigterm_to_one_process_stops_both_at_one_step(store, tmp_path, mp_reference, victim):
     ckpt, out = tmp_path / "ckpt", tmp_path / "run.npz"
     procs = _spawn(store, out, ckpt, epochs=MP_EPOCHS, nproc=2, devices_per_process=2,
