@@ -104,15 +104,19 @@ def table(results: dict) -> str:
          else sum(results["ours_train"]["ceiling_cells_per_s"]) / 2,
          "before/after training: " + ", ".join(fmt(v) for v in results.get("ours_train", {}).get(
              "ceiling_cells_per_s", []))),
-        ("train", "ginseng 0.1.4 jitted step alone (its ceiling)", g("ref_train", "ceiling_cells_per_s"),
+        ("train", "ginseng 0.1.4 jitted step alone (its ceiling)",
+         g("ref_train", "ceiling_cells_per_s"),
          "reference nn/opt, batched dropout, no per-cell keys"),
         ("train", "ginseng 0.1.4 GinsengTrainer (balance_train=False)", g("ref_train"),
          f"{fmt(g('ref_train', 'train_cells'))} train cells, epochs "
          + ", ".join(f"{v:.1f}s" for v in results.get("ref_train", {}).get("epoch_s", []))),
     ]
-    out = ["| part | tool | cells/s | notes |", "| --- | --- | ---: | --- |"]
-    for part, tool, v, note in rows:
-        out.append(f"| {part} | {tool} | {fmt(v)} | {note} |")
+    keys = ["ours_loader", "ours_loader", "ref_loader", "annb_loader", "annb_loader_zarrpy",
+            "ours_train", "ours_train", "ref_train", "ref_train"]
+    out = ["| part | tool | cells/s | load | notes |", "| --- | --- | ---: | ---: | --- |"]
+    for (part, tool, v, note), k in zip(rows, keys):
+        load = results.get(k, {}).get("loadavg_1m_before")
+        out.append(f"| {part} | {tool} | {fmt(v)} | {fmt(load, 1)} | {note} |")
     ratios = []
     ol, al, rl = g("ours_loader"), g("annb_loader"), g("ref_loader")
     ot, rt = g("ours_train"), g("ref_train")
