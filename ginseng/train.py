@@ -880,9 +880,11 @@ def GinsengTrainer(
     resume : bool
         Continue from the checkpoint in ``settings.checkpoint_dir`` when there is one (refused if
         it was written for another dataset or other settings). The resumed run ends with exactly
-        the model of an uninterrupted run. With ``checkpoint_dir`` set, SIGTERM or SIGUSR1 make
-        the trainer write a checkpoint at the next step boundary and exit with
-        ``PREEMPTED_EXIT_CODE`` (75).
+        the model of an uninterrupted run. Without ``resume``, a ``checkpoint_dir`` that already
+        holds a checkpoint is refused (``FileExistsError``), never overwritten. With
+        ``checkpoint_dir`` set, SIGTERM or SIGUSR1 (to any one process of a multi-process run)
+        make every process stop at the same step, at most 2 steps later (or at the epoch's end),
+        write one checkpoint and exit with ``PREEMPTED_EXIT_CODE`` (75).
 
     Returns
     -------
