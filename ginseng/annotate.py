@@ -111,16 +111,16 @@ def _map_genes(input_genes: np.ndarray, model_genes: np.ndarray, *, allow_missin
         kind_in, kind_model = _gene_id_kind(input_genes), _gene_id_kind(model_genes)
         if {kind_in, kind_model} == {"ensembl", "symbol"}:
             msg = (
-                f"the model's genes are {_KIND_WORDS[kind_model]} (e.g. {model_genes[0]!r}) but the "
-                f"input's genes ({where}) are {_KIND_WORDS[kind_in]} (e.g. {input_genes[0]!r}); "
+                f"the model's genes are {_KIND_WORDS[kind_model]} (e.g. {str(model_genes[0])!r}) but the "
+                f"input's genes ({where}) are {_KIND_WORDS[kind_in]} (e.g. {str(input_genes[0])!r}); "
                 f"{n_found} of {n_model} model genes match. Pass gene_key= naming a var column with "
                 f"{_KIND_WORDS[kind_model]}; var columns: {list(map(str, var_columns))}"
             )
             raise ValueError(msg)
     if n_found == 0:
         msg = (
-            f"none of the model's {n_model} genes (e.g. {list(model_genes[:3])}) are in the input's "
-            f"{len(input_genes)} genes ({where}, e.g. {list(input_genes[:3])}); "
+            f"none of the model's {n_model} genes (e.g. {[str(g) for g in model_genes[:3]]}) are in the input's "
+            f"{len(input_genes)} genes ({where}, e.g. {[str(g) for g in input_genes[:3]]}); "
             f"var columns: {list(map(str, var_columns))}"
         )
         raise ValueError(msg)
@@ -129,13 +129,13 @@ def _map_genes(input_genes: np.ndarray, model_genes: np.ndarray, *, allow_missin
         if not allow_missing:
             msg = (
                 f"{len(missing)} of the model's {n_model} genes are missing from the input "
-                f"(e.g. {list(missing[:5])}); use annotate_iter_partial to fill them with zeros"
+                f"(e.g. {[str(g) for g in missing[:5]]}); use annotate_iter_partial to fill them with zeros"
             )
             raise ValueError(msg)
         msg = (
             f"only {n_found} of the model's {n_model} genes ({100.0 * n_found / n_model:.1f}%) were "
             f"found in the input ({where}); the {n_model - n_found} missing genes "
-            f"(e.g. {list(missing[:5])}) are filled with zeros, which may lower accuracy"
+            f"(e.g. {[str(g) for g in missing[:5]]}) are filled with zeros, which may lower accuracy"
         )
         warnings.warn(msg, UserWarning, stacklevel=3)
     dst = np.flatnonzero(found).astype(np.int64)

@@ -652,9 +652,6 @@ def test_annotate_ensembl_against_symbols_names_both_kinds(tmp_path, adata):
     assert names(tmp_path) == []
 
 
-@pytest.mark.xfail(
-    strict=True, reason="pending ANNOTATE owner: gene examples print as np.str_('...')"
-)
 def test_annotate_gene_examples_print_as_plain_strings(adata):
     # The messages quote example genes with repr() of numpy scalars: "(e.g. np.str_('ENSG...'))"
     # and "(e.g. [np.str_('OTHER0'), ...])"; a user should read "(e.g. 'ENSG...')".
