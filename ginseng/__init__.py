@@ -19,13 +19,14 @@ try:
 except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0+unknown"
 
-__all__ = ["annotate", "augment", "data", "io", "nn", "opt", "train", "utils", "__version__"]
+_SUBMODULES = ("annotate", "augment", "data", "io", "nn", "opt", "train", "utils")
+__all__ = ["__version__", *_SUBMODULES]
 
 
 def __getattr__(name):
     # Submodules are imported on first use, so `import ginseng` stays cheap and importing one
     # module (say, ginseng.nn) does not pull in anndata, zarr or tensorstore.
-    if name in __all__[:-1]:
+    if name in _SUBMODULES:
         import importlib
 
         return importlib.import_module(f"ginseng.{name}")

@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-__all__ = ["augment_mask", "augment_background", "augment_dropgene", "augment"]
+__all__ = ["augment", "augment_background", "augment_dropgene", "augment_mask"]
 
 
-def augment_mask(key: Array, x: Float[Array, "..."], rate: float = 0.1) -> Float[Array, "..."]:
+def augment_mask(key: Array, x: Float[Array, ...], rate: float = 0.1) -> Float[Array, ...]:
     """Randomly mask out counts across cells.
 
     Parameters

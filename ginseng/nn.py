@@ -14,15 +14,15 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PyTree
 
 __all__ = [
-    "nn_xavier_uniform",
+    "nn_annotate",
+    "nn_annotate_evaluate",
+    "nn_annotate_init",
+    "nn_annotate_loss",
+    "nn_dropout",
     "nn_init_linear",
     "nn_linear",
-    "nn_dropout",
     "nn_normalize",
-    "nn_annotate_init",
-    "nn_annotate",
-    "nn_annotate_loss",
-    "nn_annotate_evaluate",
+    "nn_xavier_uniform",
 ]
 
 
@@ -46,7 +46,7 @@ def nn_xavier_uniform(key: Array, shape: tuple[int, int]) -> Float[Array, "fan_i
     return jax.random.uniform(key, shape, jnp.float32, minval=-limit, maxval=limit)
 
 
-def nn_init_linear(key: Array, in_dim: int, out_dim: int) -> PyTree[Float[Array, "..."]]:
+def nn_init_linear(key: Array, in_dim: int, out_dim: int) -> PyTree[Float[Array, ...]]:
     """Initialize parameters for a linear layer.
 
     Parameters
@@ -67,7 +67,7 @@ def nn_init_linear(key: Array, in_dim: int, out_dim: int) -> PyTree[Float[Array,
 
 
 def nn_linear(
-    params: PyTree[Float[Array, "..."]], x: Float[Array, "*cells in_dim"]
+    params: PyTree[Float[Array, ...]], x: Float[Array, "*cells in_dim"]
 ) -> Float[Array, "*cells out_dim"]:
     """Apply a linear transformation.
 
@@ -87,8 +87,8 @@ def nn_linear(
 
 
 def nn_dropout(
-    key: Array, x: Float[Array, "..."], rate: float, training: bool = True
-) -> Float[Array, "..."]:
+    key: Array, x: Float[Array, ...], rate: float, training: bool = True
+) -> Float[Array, ...]:
     """Apply dropout to input array.
 
     Parameters
@@ -141,7 +141,7 @@ def nn_normalize(
 
 def nn_annotate_init(
     key: Array, n_genes: int, n_classes: int, hidden_dim: int = 256
-) -> PyTree[Float[Array, "..."]]:
+) -> PyTree[Float[Array, ...]]:
     """Initialize parameters for the cell type annotation network.
 
     The network embeds genes with two gene-by-gene layers, gates every gene with an attention
@@ -179,7 +179,7 @@ def nn_annotate_init(
 
 
 def nn_annotate(
-    params: PyTree[Float[Array, "..."]],
+    params: PyTree[Float[Array, ...]],
     key: Array,
     x: Float[Array, "*cells genes"],
     dropout_rate: float = 0.5,
@@ -236,7 +236,7 @@ def _cross_entropy(logits: Float[Array, "*cells classes"], y: Int[Array, "*cells
 
 
 def nn_annotate_loss(
-    params: PyTree[Float[Array, "..."]],
+    params: PyTree[Float[Array, ...]],
     key: Array,
     x: Float[Array, "cells genes"],
     y: Int[Array, " cells"],
@@ -279,7 +279,7 @@ def nn_annotate_loss(
 
 
 def nn_annotate_evaluate(
-    params: PyTree[Float[Array, "..."]],
+    params: PyTree[Float[Array, ...]],
     key: Array,
     x: Float[Array, "cells genes"],
     y: Int[Array, " cells"],

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PyTree
 
-__all__ = ["AdamState", "opt_init_adam", "opt_adam_update"]
+__all__ = ["AdamState", "opt_adam_update", "opt_init_adam"]
 
 
 class AdamState(NamedTuple):
@@ -26,11 +26,11 @@ class AdamState(NamedTuple):
     """
 
     step: Int[Array, ""]
-    m: PyTree[Float[Array, "..."]]
-    v: PyTree[Float[Array, "..."]]
+    m: PyTree[Float[Array, ...]]
+    v: PyTree[Float[Array, ...]]
 
 
-def opt_init_adam(params: PyTree[Float[Array, "..."]]) -> AdamState:
+def opt_init_adam(params: PyTree[Float[Array, ...]]) -> AdamState:
     """Initialize Adam optimizer state.
 
     Parameters
@@ -51,14 +51,14 @@ def opt_init_adam(params: PyTree[Float[Array, "..."]]) -> AdamState:
 
 
 def opt_adam_update(
-    grads: PyTree[Float[Array, "..."]],
-    params: PyTree[Float[Array, "..."]],
+    grads: PyTree[Float[Array, ...]],
+    params: PyTree[Float[Array, ...]],
     state: AdamState,
     lr: float = 0.001,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     weight_decay: float = 0.0,
-) -> tuple[PyTree[Float[Array, "..."]], AdamState]:
+) -> tuple[PyTree[Float[Array, ...]], AdamState]:
     """Perform one Adam optimization step.
 
     Parameters

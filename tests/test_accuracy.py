@@ -13,9 +13,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
-import bench_accuracy as ba  # noqa: E402
+import bench_accuracy as ba
 
-from ginseng.train import GinsengTrainerSettings  # noqa: E402
+from ginseng.train import GinsengTrainerSettings
 
 
 def test_macro_f1_matches_hand_computation():

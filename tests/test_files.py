@@ -48,3 +48,18 @@ def test_directories_replace_atomically(tmp_path):
         (tmp / "b").write_text("2")
     assert sorted(p.name for p in target.iterdir()) == ["b"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store.zarr"]
+
+
+def test_package_exposes_every_seed_module_lazily():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, ginseng\n"
+        "assert 'ginseng.data' not in sys.modules\n"
+        "for m in ('annotate','augment','data','io','nn','opt','train','utils'):\n"
+        "    assert getattr(ginseng, m).__name__ == 'ginseng.' + m\n"
+        "print(ginseng.__version__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["pbmc3k_path", "pbmc3k"]
+__all__ = ["pbmc3k", "pbmc3k_path"]
 
 _HERE = Path(__file__).resolve().parent
 
