@@ -18,7 +18,6 @@ import zarr
 from annbatch import DatasetCollection, Loader
 
 
-
 def load_x_and_label(g):
     # Only X and the label column, as annbatch's README recommends (all obs columns are yielded).
     return ad.AnnData(X=ad.io.sparse_dataset(g["X"]), obs=ad.io.read_elem(g["obs"])[["cell_type"]])
@@ -32,8 +31,11 @@ def main():
     p.add_argument("--chunk-size", type=int, default=None, help="annbatch default 512")
     p.add_argument("--preload-nchunks", type=int, default=None, help="annbatch default 32")
     p.add_argument("--seconds", type=float, default=60.0)
-    p.add_argument("--no-zarrs", action="store_true",
-                   help="use zarr-python's default codec pipeline instead of zarrs")
+    p.add_argument(
+        "--no-zarrs",
+        action="store_true",
+        help="use zarr-python's default codec pipeline instead of zarrs",
+    )
     a = p.parse_args()
     if not a.no_zarrs:
         # annbatch's README: the zarrs pipeline "is necessary for local filesystem performance".
@@ -49,26 +51,43 @@ def main():
 
     with ad.settings.override(remove_unused_categories=False):
         loader = Loader(
-            batch_size=a.batch_size, chunk_size=a.chunk_size, preload_nchunks=a.preload_nchunks,
-            shuffle=True, rng=np.random.default_rng(0), preload_to_gpu=False,
+            batch_size=a.batch_size,
+            chunk_size=a.chunk_size,
+            preload_nchunks=a.preload_nchunks,
+            shuffle=True,
+            rng=np.random.default_rng(0),
+            preload_to_gpu=False,
         ).use_collection(coll, load_adata=load_x_and_label)
     n_obs = loader.n_obs
     n = 0
     t0 = time.perf_counter()
     for batch in loader:
         x = batch["X"]
-        x = x.toarray().astype(np.float32, copy=False) if hasattr(x, "toarray") else np.asarray(x, np.float32)
+        x = (
+            x.toarray().astype(np.float32, copy=False)
+            if hasattr(x, "toarray")
+            else np.asarray(x, np.float32)
+        )
         y = batch["obs"]["cell_type"].cat.codes.to_numpy()
         assert x.shape[0] == y.shape[0]
         n += x.shape[0]
         if time.perf_counter() - t0 > a.seconds:
             break
     dt = time.perf_counter() - t0
-    res = dict(tool="annbatch 0.3.1", task="loader", cells=n, seconds=dt, cells_per_s=n / dt,
-               full_epoch=n >= n_obs, dataset_cells=int(n_obs), create_s=create_s,
-               chunk_size=a.chunk_size or 512, preload_nchunks=a.preload_nchunks or 32,
-               codec_pipeline="zarr-python" if a.no_zarrs else "zarrs",
-               python=sys.version.split()[0])
+    res = {
+        "tool": "annbatch 0.3.1",
+        "task": "loader",
+        "cells": n,
+        "seconds": dt,
+        "cells_per_s": n / dt,
+        "full_epoch": n >= n_obs,
+        "dataset_cells": int(n_obs),
+        "create_s": create_s,
+        "chunk_size": a.chunk_size or 512,
+        "preload_nchunks": a.preload_nchunks or 32,
+        "codec_pipeline": "zarr-python" if a.no_zarrs else "zarrs",
+        "python": sys.version.split()[0],
+    }
     print(json.dumps(res))
 
 

@@ -38,8 +38,14 @@ def loader(a):
     ds, create_s = build(a, "ours_ds")
     ds.make_holdout(holdout_fraction=0.2, rng=np.random.default_rng(0))
     n_train = len(ds.train_indices)
-    res = dict(tool="ginseng (ours)", task="loader", dataset_cells=int(ds.n_cells),
-               train_cells=n_train, create_s=create_s, chunk_rows=int(ds.chunk_rows))
+    res = {
+        "tool": "ginseng (ours)",
+        "task": "loader",
+        "dataset_cells": int(ds.n_cells),
+        "train_cells": n_train,
+        "create_s": create_s,
+        "chunk_rows": int(ds.chunk_rows),
+    }
     rng = np.random.default_rng(0)
     iter_rates = []
     for _ in range(a.repeats):
@@ -56,8 +62,11 @@ def loader(a):
         for b in ld.epoch(e):
             n += int(b.mask.sum())
         loader_rates.append(n / (time.perf_counter() - t0))
-    res.update(iter_batches_cells_per_s=iter_rates, loader_cells_per_s=loader_rates,
-               cells_per_s=float(np.median(iter_rates)))
+    res.update(
+        iter_batches_cells_per_s=iter_rates,
+        loader_cells_per_s=loader_rates,
+        cells_per_s=float(np.median(iter_rates)),
+    )
     return res
 
 
@@ -86,8 +95,9 @@ def ceiling(settings, ds, n_steps):
 
 def train(a):
     ds, create_s = build(a, "ours_train_ds")
-    settings = T.GinsengTrainerSettings(batch_size=a.batch_size, hidden_dim=256,
-                                        balance_train=False)
+    settings = T.GinsengTrainerSettings(
+        batch_size=a.batch_size, hidden_dim=256, balance_train=False
+    )
     ceil_before = ceiling(settings, ds, a.ceiling_steps)
     stamps = []
     orig = T.GinsengLogger.update
@@ -107,11 +117,20 @@ def train(a):
     steady = epoch_s[1:] if len(epoch_s) > 1 else epoch_s
     rate = n_train / float(np.mean(steady))
     ceil = float(np.mean([ceil_before, ceil_after]))
-    return dict(tool="ginseng (ours)", task="train", train_cells=n_train, epochs=a.epochs,
-                epoch_s=epoch_s.tolist(), wall_s=wall, create_s=create_s, cells_per_s=rate,
-                ceiling_cells_per_s=[ceil_before, ceil_after], fraction_of_ceiling=rate / ceil,
-                holdout_accuracy=float(logger.holdout_accuracy[-1]),
-                devices=[str(d) for d in jax.devices()])
+    return {
+        "tool": "ginseng (ours)",
+        "task": "train",
+        "train_cells": n_train,
+        "epochs": a.epochs,
+        "epoch_s": epoch_s.tolist(),
+        "wall_s": wall,
+        "create_s": create_s,
+        "cells_per_s": rate,
+        "ceiling_cells_per_s": [ceil_before, ceil_after],
+        "fraction_of_ceiling": rate / ceil,
+        "holdout_accuracy": float(logger.holdout_accuracy[-1]),
+        "devices": [str(d) for d in jax.devices()],
+    }
 
 
 def main():

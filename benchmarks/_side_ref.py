@@ -39,9 +39,16 @@ def loader(a):
         if time.perf_counter() - t0 > a.seconds:
             break
     dt = time.perf_counter() - t0
-    return dict(tool="ginseng 0.1.4", task="loader", cells=n, seconds=dt, cells_per_s=n / dt,
-                full_epoch=n >= len(ds.train_indices), dataset_cells=int(ds.n_cells),
-                create_s=create_s)
+    return {
+        "tool": "ginseng 0.1.4",
+        "task": "loader",
+        "cells": n,
+        "seconds": dt,
+        "cells_per_s": n / dt,
+        "full_epoch": n >= len(ds.train_indices),
+        "dataset_cells": int(ds.n_cells),
+        "create_s": create_s,
+    }
 
 
 def ceiling(n_genes, n_classes, batch_size, n_steps=50):
@@ -49,6 +56,7 @@ def ceiling(n_genes, n_classes, batch_size, n_steps=50):
     batch: the compute ceiling of the reference's model code on this machine."""
     import jax
     import jax.numpy as jnp
+
     from ginseng.nn import nn_annotate_init, nn_annotate_loss
     from ginseng.opt import opt_adam_update, opt_init_adam
     from ginseng.train import GinsengTrainerSettings
@@ -58,10 +66,18 @@ def ceiling(n_genes, n_classes, batch_size, n_steps=50):
     @jax.jit
     def step(params, opt_state, key, x, y):
         loss, grads = jax.value_and_grad(nn_annotate_loss)(
-            params, key, x, y, dropout_rate=s.dropout_rate, normalize=s.normalize,
-            target_sum=s.target_sum, training=True)
-        params, opt_state = opt_adam_update(grads, params, opt_state, lr=s.lr, eps=s.eps,
-                                            betas=s.betas, weight_decay=s.weight_decay)
+            params,
+            key,
+            x,
+            y,
+            dropout_rate=s.dropout_rate,
+            normalize=s.normalize,
+            target_sum=s.target_sum,
+            training=True,
+        )
+        params, opt_state = opt_adam_update(
+            grads, params, opt_state, lr=s.lr, eps=s.eps, betas=s.betas, weight_decay=s.weight_decay
+        )
         return params, opt_state, loss
 
     key = jax.random.key(0)
@@ -100,7 +116,9 @@ def train(a):
         return orig(self, *args, **kw)
 
     T.GinsengLogger.update = update
-    settings = T.GinsengTrainerSettings(batch_size=a.batch_size, hidden_dim=256, balance_train=False)
+    settings = T.GinsengTrainerSettings(
+        batch_size=a.batch_size, hidden_dim=256, balance_train=False
+    )
     t0 = time.perf_counter()
     logger, _ = T.GinsengTrainer(str(work), settings=settings, epochs=a.epochs, silent=True)
     wall = time.perf_counter() - t0
@@ -109,10 +127,17 @@ def train(a):
     ceil = ceiling(ds.n_genes, ds.n_labels, a.batch_size)
     epoch_s = np.diff([t0] + stamps)
     steady = epoch_s[1:] if len(epoch_s) > 1 else epoch_s
-    return dict(tool="ginseng 0.1.4", task="train", train_cells=n_train, epochs=a.epochs,
-                epoch_s=epoch_s.tolist(), wall_s=wall,
-                cells_per_s=n_train / float(np.mean(steady)), ceiling_cells_per_s=ceil,
-                holdout_accuracy=float(logger.holdout_accuracy[-1]))
+    return {
+        "tool": "ginseng 0.1.4",
+        "task": "train",
+        "train_cells": n_train,
+        "epochs": a.epochs,
+        "epoch_s": epoch_s.tolist(),
+        "wall_s": wall,
+        "cells_per_s": n_train / float(np.mean(steady)),
+        "ceiling_cells_per_s": ceil,
+        "holdout_accuracy": float(logger.holdout_accuracy[-1]),
+    }
 
 
 def main():

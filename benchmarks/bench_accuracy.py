@@ -44,7 +44,10 @@ from ginseng.train import GinsengTrainer, GinsengTrainerSettings
 from ginseng.utils import compute_hvgs
 
 REPO = Path(__file__).resolve().parent.parent
-BARON = (REPO / "tests" / "data" / "baron_mouse1.h5ad", REPO / "tests" / "data" / "baron_mouse2.h5ad")
+BARON = (
+    REPO / "tests" / "data" / "baron_mouse1.h5ad",
+    REPO / "tests" / "data" / "baron_mouse2.h5ad",
+)
 TARGETS = {"pbmc3k": 0.89, "baron": 0.97}
 N_HVG = 2000
 MIN_TRAIN_CELLS = 10
@@ -71,7 +74,7 @@ def stratified_holdout(labels, fraction, seed):
     test = []
     for lab in np.unique(labels):
         idx = np.flatnonzero(labels == lab)
-        n = max(1, int(round(fraction * len(idx))))
+        n = max(1, round(fraction * len(idx)))
         test.append(rng.permutation(idx)[:n])
     test = np.sort(np.concatenate(test))
     train = np.setdiff1d(np.arange(len(labels)), test)
@@ -102,7 +105,11 @@ def baron_split():
 def run_ginseng(train, test, settings, epochs, workdir):
     """Train on ``train`` (HVGs in var['ginseng_genes']) and return macro-F1 on ``test``."""
     ds = GinsengDataset.create(
-        Path(workdir) / "ds", train, labels="cell_type", gene_mask="ginseng_genes", silent=True,
+        Path(workdir) / "ds",
+        train,
+        labels="cell_type",
+        gene_mask="ginseng_genes",
+        silent=True,
         overwrite=True,
     )
     _, state = GinsengTrainer(ds, settings=settings, epochs=epochs, silent=True)
@@ -118,13 +125,24 @@ def run_reference(train, test, balance, epochs, seed, workdir):
         return None
     w = Path(workdir)
     genes = train.var_names[train.var["ginseng_genes"].to_numpy()]
-    anndata.AnnData(X=train[:, genes].X, obs=train.obs[["cell_type"]],
-                    var=train.var.loc[genes, []]).write_h5ad(w / "train.h5ad")
-    anndata.AnnData(X=test[:, genes].X, obs=test.obs[["cell_type"]],
-                    var=test.var.loc[genes, []]).write_h5ad(w / "test.h5ad")
-    cmd = [str(py), str(REPO / "benchmarks" / "_acc_ref.py"), str(w), "--balance",
-           "true" if balance else "false", "--epochs", str(epochs), "--seed", str(seed)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    anndata.AnnData(
+        X=train[:, genes].X, obs=train.obs[["cell_type"]], var=train.var.loc[genes, []]
+    ).write_h5ad(w / "train.h5ad")
+    anndata.AnnData(
+        X=test[:, genes].X, obs=test.obs[["cell_type"]], var=test.var.loc[genes, []]
+    ).write_h5ad(w / "test.h5ad")
+    cmd = [
+        str(py),
+        str(REPO / "benchmarks" / "_acc_ref.py"),
+        str(w),
+        "--balance",
+        "true" if balance else "false",
+        "--epochs",
+        str(epochs),
+        "--seed",
+        str(seed),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         msg = f"reference ginseng run failed (exit {proc.returncode}): {proc.stderr[-2000:]}"
         raise RuntimeError(msg)
@@ -176,8 +194,9 @@ def parse_overrides(items):
     return out
 
 
-def run_task(task, seed, balances, epochs, overrides, logreg=True, reference=False,
-             ref_balances=None):
+def run_task(
+    task, seed, balances, epochs, overrides, logreg=True, reference=False, ref_balances=None
+):
     """All runs of one task and seed: a list of dicts (method, balance_train, macro_f1, seconds)."""
     train, test = pbmc3k_split(seed) if task == "pbmc3k" else baron_split()
     rows = []
@@ -186,24 +205,51 @@ def run_task(task, seed, balances, epochs, overrides, logreg=True, reference=Fal
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="ginseng_acc_") as tmp:
             f1 = run_ginseng(train, test, settings, epochs, tmp)
-        rows.append(dict(task=task, seed=seed, method="ginseng", balance_train=balance,
-                         epochs=epochs, overrides=overrides, macro_f1=f1,
-                         seconds=time.perf_counter() - t0))
+        rows.append(
+            {
+                "task": task,
+                "seed": seed,
+                "method": "ginseng",
+                "balance_train": balance,
+                "epochs": epochs,
+                "overrides": overrides,
+                "macro_f1": f1,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
     for balance in (balances if ref_balances is None else ref_balances) if reference else []:
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="ginseng_acc_ref_") as tmp:
             f1 = run_reference(train, test, balance, epochs, seed, tmp)
         if f1 is not None:
-            rows.append(dict(task=task, seed=seed, method="ginseng 0.1.4", balance_train=balance,
-                             epochs=epochs, overrides={}, macro_f1=f1,
-                             seconds=time.perf_counter() - t0))
+            rows.append(
+                {
+                    "task": task,
+                    "seed": seed,
+                    "method": "ginseng 0.1.4",
+                    "balance_train": balance,
+                    "epochs": epochs,
+                    "overrides": {},
+                    "macro_f1": f1,
+                    "seconds": time.perf_counter() - t0,
+                }
+            )
     if logreg:
         t0 = time.perf_counter()
         f1 = run_logreg(train, test, seed)
         if f1 is not None:
-            rows.append(dict(task=task, seed=seed, method="logreg", balance_train=None,
-                             epochs=None, overrides={}, macro_f1=f1,
-                             seconds=time.perf_counter() - t0))
+            rows.append(
+                {
+                    "task": task,
+                    "seed": seed,
+                    "method": "logreg",
+                    "balance_train": None,
+                    "epochs": None,
+                    "overrides": {},
+                    "macro_f1": f1,
+                    "seconds": time.perf_counter() - t0,
+                }
+            )
     return rows
 
 
@@ -214,11 +260,18 @@ def summarize(rows):
         k = (r["task"], r["method"], r["balance_train"])
         if k not in keys:
             keys.append(k)
-    lines = ["| task | method | balance_train | seeds | macro-F1 mean | std | min | max | target |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| task | method | balance_train | seeds | macro-F1 mean | std | min | max | target |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for task, method, bal in keys:
-        v = np.array([r["macro_f1"] for r in rows
-                      if (r["task"], r["method"], r["balance_train"]) == (task, method, bal)])
+        v = np.array(
+            [
+                r["macro_f1"]
+                for r in rows
+                if (r["task"], r["method"], r["balance_train"]) == (task, method, bal)
+            ]
+        )
         lines.append(
             f"| {task} | {method} | {'' if bal is None else bal} | {len(v)} | {v.mean():.3f} | "
             f"{v.std(ddof=1) if len(v) > 1 else 0.0:.3f} | {v.min():.3f} | {v.max():.3f} | "
@@ -233,12 +286,20 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--epochs", type=int, default=10, help="GinsengTrainer epochs (its default: 10)")
     p.add_argument("--balance", choices=["both", "true", "false"], default="both")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="GinsengTrainerSettings overrides, e.g. lr=3e-3 dropout_rate=0.1")
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="GinsengTrainerSettings overrides, e.g. lr=3e-3 dropout_rate=0.1",
+    )
     p.add_argument("--no-logreg", action="store_true")
     p.add_argument("--no-ginseng", action="store_true", help="skip our ginseng (anchors only)")
-    p.add_argument("--reference", action="store_true",
-                   help="also run reference ginseng 0.1.4 (benchmarks/.venvs/ref) on the same split")
+    p.add_argument(
+        "--reference",
+        action="store_true",
+        help="also run reference ginseng 0.1.4 (benchmarks/.venvs/ref) on the same split",
+    )
     p.add_argument("--json", default=None, help="write every run to this JSON file")
     a = p.parse_args(argv)
     overrides = parse_overrides(a.set)
@@ -248,13 +309,22 @@ def main(argv=None):
     t0 = time.perf_counter()
     for task in tasks:
         for seed in a.seeds:
-            for r in run_task(task, seed, [] if a.no_ginseng else balances, a.epochs, overrides,
-                              logreg=not a.no_logreg, reference=a.reference,
-                              ref_balances=balances):
+            for r in run_task(
+                task,
+                seed,
+                [] if a.no_ginseng else balances,
+                a.epochs,
+                overrides,
+                logreg=not a.no_logreg,
+                reference=a.reference,
+                ref_balances=balances,
+            ):
                 rows.append(r)
                 print(json.dumps(r), flush=True)
-    print(f"\nepochs={a.epochs} overrides={overrides} wall={time.perf_counter() - t0:.0f}s "
-          f"nproc={os.cpu_count()}")
+    print(
+        f"\nepochs={a.epochs} overrides={overrides} wall={time.perf_counter() - t0:.0f}s "
+        f"nproc={os.cpu_count()}"
+    )
     print(summarize(rows))
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))

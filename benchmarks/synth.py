@@ -126,8 +126,22 @@ def gen_block(b):
     return types, data, cols, row_nnz, _max_rss_mb()
 
 
-def write_h5ad(path, cells, genes, types, block, seed, density, program_genes, fold, lib_sigma,
-               type_alpha, workers, compression, overwrite):
+def write_h5ad(
+    path,
+    cells,
+    genes,
+    types,
+    block,
+    seed,
+    density,
+    program_genes,
+    fold,
+    lib_sigma,
+    type_alpha,
+    workers,
+    compression,
+    overwrite,
+):
     """Generate and write the file; returns a dict of measurements."""
     path = Path(path)
     if path.exists() and not overwrite:
@@ -139,8 +153,16 @@ def write_h5ad(path, cells, genes, types, block, seed, density, program_genes, f
     t0 = time.perf_counter()
     base, program, props = make_model(genes, types, seed, program_genes, fold, type_alpha)
     scale = solve_scale(density, base, program, props, lib_sigma, seed)
-    model = dict(cells=cells, block=block, seed=seed, base=base, program=program, props=props,
-                 lib_sigma=lib_sigma, scale=scale)
+    model = {
+        "cells": cells,
+        "block": block,
+        "seed": seed,
+        "base": base,
+        "program": program,
+        "props": props,
+        "lib_sigma": lib_sigma,
+        "scale": scale,
+    }
     n_blocks = (cells + block - 1) // block
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     labels = np.empty(cells, dtype=np.int32)
@@ -148,7 +170,7 @@ def write_h5ad(path, cells, genes, types, block, seed, density, program_genes, f
     worker_rss = 0.0
     kw = {}
     if compression:
-        kw = dict(compression=compression)
+        kw = {"compression": compression}
     try:
         with h5py.File(tmp, "w") as f:
             f.attrs["encoding-type"] = "anndata"
@@ -158,10 +180,12 @@ def write_h5ad(path, cells, genes, types, block, seed, density, program_genes, f
             X.attrs["encoding-version"] = "0.1.0"
             X.attrs["shape"] = np.array([cells, genes], dtype=np.int64)
             chunk = 1 << 18
-            d_data = X.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.float32,
-                                      chunks=(chunk,), **kw)
-            d_ind = X.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int32,
-                                     chunks=(chunk,), **kw)
+            d_data = X.create_dataset(
+                "data", shape=(0,), maxshape=(None,), dtype=np.float32, chunks=(chunk,), **kw
+            )
+            d_ind = X.create_dataset(
+                "indices", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(chunk,), **kw
+            )
             indptr = X.create_dataset("indptr", shape=(cells + 1,), dtype=np.int64)
             indptr[0] = 0
 
@@ -204,9 +228,22 @@ def write_h5ad(path, cells, genes, types, block, seed, density, program_genes, f
             index=pd.Index([f"cell_{i}" for i in range(cells)]),
         )
         var = pd.DataFrame(index=pd.Index([f"GENE{j}" for j in range(genes)]))
-        uns = {"synth": json.dumps(dict(cells=cells, genes=genes, types=types, seed=seed,
-                                        density=density, program_genes=program_genes, fold=fold,
-                                        lib_sigma=lib_sigma, type_alpha=type_alpha, scale=scale))}
+        uns = {
+            "synth": json.dumps(
+                {
+                    "cells": cells,
+                    "genes": genes,
+                    "types": types,
+                    "seed": seed,
+                    "density": density,
+                    "program_genes": program_genes,
+                    "fold": fold,
+                    "lib_sigma": lib_sigma,
+                    "type_alpha": type_alpha,
+                    "scale": scale,
+                }
+            )
+        }
         with h5py.File(tmp, "a") as f:
             anndata.io.write_elem(f, "obs", obs)
             anndata.io.write_elem(f, "var", var)
@@ -219,15 +256,24 @@ def write_h5ad(path, cells, genes, types, block, seed, density, program_genes, f
             tmp.unlink()
         raise
     wall = time.perf_counter() - t0
-    return dict(
-        path=str(path), cells=cells, genes=genes, types=types, nnz=int(nnz),
-        density=nnz / (cells * genes), target_density=density, scale=scale,
-        type_counts=np.bincount(labels, minlength=types).tolist(),
-        wall_s=round(wall, 2), cells_per_s=round(cells / wall, 1),
-        file_mb=round(path.stat().st_size / 2**20, 1),
-        peak_rss_main_mb=round(_max_rss_mb(), 1), peak_rss_worker_mb=round(worker_rss, 1),
-        block=block, workers=workers,
-    )
+    return {
+        "path": str(path),
+        "cells": cells,
+        "genes": genes,
+        "types": types,
+        "nnz": int(nnz),
+        "density": nnz / (cells * genes),
+        "target_density": density,
+        "scale": scale,
+        "type_counts": np.bincount(labels, minlength=types).tolist(),
+        "wall_s": round(wall, 2),
+        "cells_per_s": round(cells / wall, 1),
+        "file_mb": round(path.stat().st_size / 2**20, 1),
+        "peak_rss_main_mb": round(_max_rss_mb(), 1),
+        "peak_rss_worker_mb": round(worker_rss, 1),
+        "block": block,
+        "workers": workers,
+    }
 
 
 def main(argv=None):
@@ -235,14 +281,26 @@ def main(argv=None):
     p.add_argument("--cells", type=int, default=50_000)
     p.add_argument("--genes", type=int, default=2_000)
     p.add_argument("--types", type=int, default=10)
-    p.add_argument("--density", type=float, default=0.27,
-                   help="target fraction of non-zero entries (default 0.27)")
-    p.add_argument("--program-genes", type=int, default=None,
-                   help="up-regulated genes per type (default genes // 20)")
+    p.add_argument(
+        "--density",
+        type=float,
+        default=0.27,
+        help="target fraction of non-zero entries (default 0.27)",
+    )
+    p.add_argument(
+        "--program-genes",
+        type=int,
+        default=None,
+        help="up-regulated genes per type (default genes // 20)",
+    )
     p.add_argument("--fold", type=float, default=4.0, help="program up-regulation (default 4)")
     p.add_argument("--lib-sigma", type=float, default=0.5, help="lognormal sigma of library sizes")
-    p.add_argument("--type-alpha", type=float, default=0.0,
-                   help="Dirichlet alpha for type proportions; 0 = equal proportions")
+    p.add_argument(
+        "--type-alpha",
+        type=float,
+        default=0.0,
+        help="Dirichlet alpha for type proportions; 0 = equal proportions",
+    )
     p.add_argument("--block", type=int, default=4096, help="rows generated per block")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--compression", default=None, help="h5py compression, e.g. gzip (default none)")
@@ -259,8 +317,22 @@ def main(argv=None):
     if not 0.0 < a.density < 1.0:
         p.error(f"synth: --density must be in (0, 1), got {a.density}")
     program_genes = a.program_genes if a.program_genes is not None else max(1, a.genes // 20)
-    res = write_h5ad(a.out, a.cells, a.genes, a.types, a.block, a.seed, a.density, program_genes,
-                     a.fold, a.lib_sigma, a.type_alpha, a.workers, a.compression, a.overwrite)
+    res = write_h5ad(
+        a.out,
+        a.cells,
+        a.genes,
+        a.types,
+        a.block,
+        a.seed,
+        a.density,
+        program_genes,
+        a.fold,
+        a.lib_sigma,
+        a.type_alpha,
+        a.workers,
+        a.compression,
+        a.overwrite,
+    )
     print(json.dumps(res))
     return 0
 
