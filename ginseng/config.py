@@ -144,8 +144,9 @@ class GenesConfig:
     min_mean: float = 0.0125
     """Lower bound on a gene's mean expression for HVG selection."""
 
-    max_mean: float = 3.0
-    """Upper bound on a gene's mean expression for HVG selection."""
+    max_mean: float = float("inf")
+    """Upper bound on a gene's mean expression for HVG selection (default: none; see
+    ginseng.utils.compute_hvgs)."""
 
     n_bins: int = 20
     """Number of mean-expression bins for HVG selection."""
@@ -219,7 +220,7 @@ class TrainerConfig:
     batch_size: int = 128
     """Global batch size (summed over every device of every process)."""
 
-    balance_train: bool = True
+    balance_train: bool = False
     """Give every label the same number of cells per epoch by oversampling rare labels."""
 
     holdout_fraction: float = 0.2

@@ -115,7 +115,10 @@ class GinsengTrainerSettings:
     holdout_fraction : float
         Fraction of the dataset to hold out for validation.
     balance_train : bool
-        Whether to balance training samples across classes (rare labels are oversampled).
+        Whether to balance training samples across classes (rare labels are oversampled, so
+        every cell stays in play). Off by default: oversampling shifts the learned prior towards
+        rare types, which measured lower macro-F1 on both real benchmarks
+        (benchmarks/RESULTS.md, section 6).
     group_level : bool
         Whether to hold out whole groups (e.g. donors) rather than cells.
     group_mode : str
@@ -149,7 +152,7 @@ class GinsengTrainerSettings:
     normalize: bool = True
     target_sum: float | None = 1e4
     holdout_fraction: float = 0.2
-    balance_train: bool = True
+    balance_train: bool = False
     group_level: bool = False
     group_mode: str = "fraction"
 
