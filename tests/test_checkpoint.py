@@ -15,17 +15,14 @@ import dataclasses
 import os
 import select
 import signal
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import h5py
 import jax
 import numpy as np
 import pandas as pd
 import pytest
+from _workers import BATCH, HIDDEN, N_CLASSES, N_GENES, kill_all, spawn
 from test_train import RUN, MemoryDataset
 
 from ginseng.train import (
@@ -37,8 +34,6 @@ from ginseng.train import (
     read_checkpoint,
 )
 
-WORKER = Path(__file__).resolve().parent / "_mp_worker.py"
-N_GENES, N_CLASSES, HIDDEN, BATCH = 24, 3, 8, 10
 CKPT = "checkpoint.h5"
 
 
@@ -289,12 +284,6 @@ def test_unknown_version_and_other_format_are_refused(one_checkpoint):
 # ------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 _JAX_CACHE: dict = {}
 
 
@@ -309,35 +298,11 @@ def _compilation_cache(tmp_path_factory):
 
 
 def _spawn(store, out, ckpt, *, epochs, nproc=1, devices_per_process=4, extra=()):
-    env = dict(os.environ)
-    if "dir" in _JAX_CACHE:
-        env["JAX_COMPILATION_CACHE_DIR"] = _JAX_CACHE["dir"]
-        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-        env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices_per_process}"
-    env["JAX_PLATFORMS"] = "cpu"
-    port = _free_port()
-    return [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), "--process-id", str(p), "--num-processes", str(nproc),
-             "--port", str(port), "--store", str(store), "--out", str(out), "--epochs", str(epochs),
-             "--batch-size", str(BATCH), "--hidden", str(HIDDEN), "--checkpoint-dir", str(ckpt),
-             "--checkpoint-every", "2", "--resume", *extra],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for p in range(nproc)
-    ]
-
-
-def _kill_all(procs):
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-    for p in procs:
-        try:
-            p.communicate(timeout=20)
-        except (subprocess.TimeoutExpired, ValueError):
-            pass
+    return spawn(
+        store, out, epochs=epochs, nproc=nproc, devices_per_process=devices_per_process,
+        extra=("--checkpoint-dir", str(ckpt), "--checkpoint-every", "2", "--resume", *extra),
+        jax_cache=_JAX_CACHE.get("dir"),
+    )
 
 
 class Lines:
@@ -407,7 +372,7 @@ def _kill_at_random_step(store, out, ckpt, rng):
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=20)
     finally:
-        _kill_all([proc])
+        kill_all([proc])
     assert proc.returncode == -signal.SIGKILL, "the run ended before the kill"
 
 
@@ -431,7 +396,7 @@ def _kill_mid_save(store, out, ckpt):
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=20)
     finally:
-        _kill_all([proc])
+        kill_all([proc])
     assert proc.returncode == -signal.SIGKILL
     return first
 
@@ -508,7 +473,7 @@ def mp_reference(store, tmp_path_factory):
     try:
         codes, texts = _finish(procs)
     finally:
-        _kill_all(procs)
+        kill_all(procs)
     assert codes == [0, 0], "\n".join(t[-2000:] for t in texts)
     return np.load(d / "ref.npz"), pd.read_csv(f"{d / 'ref.npz'}.csv", float_precision="round_trip")
 
@@ -518,7 +483,7 @@ def _mp_resume_and_compare(store, out, ckpt, mp_reference):
     try:
         codes, texts = _finish(procs)
     finally:
-        _kill_all(procs)
+        kill_all(procs)
     assert codes == [0, 0], "\n".join(t[-2000:] for t in texts)
     ref_params, ref_log = mp_reference
     got = np.load(out)
@@ -547,7 +512,7 @@ def test_two_processes_sigkill_both_then_resume_is_bit_identical(store, tmp_path
         for p in procs:
             p.wait(timeout=20)
     finally:
-        _kill_all(procs)
+        kill_all(procs)
     assert [p.returncode for p in procs] == [-signal.SIGKILL] * 2
     assert read_checkpoint(ckpt / CKPT)["global_step"] >= 2
     _mp_resume_and_compare(store, out, ckpt, mp_reference)
@@ -564,7 +529,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step(store, tmp_path, mp_refer
         procs[victim].send_signal(signal.SIGTERM)
         codes, texts = _finish(procs, timeout=120)
     finally:
-        _kill_all(procs)
+        kill_all(procs)
     assert codes == [PREEMPTED_EXIT_CODE] * 2, "\n".join(t[-2000:] for t in texts)
     # Both processes consumed the same batches, and the checkpoint sits right after the last one.
     last = [[ln.split() for ln in t.splitlines() if ln.startswith("step")][-1] for t in texts]

@@ -1,11 +1,7 @@
 """Multi-process training on one machine: 2 processes x 2 CPU devices over jax.distributed (gloo),
 compared with the 1-device run; and a killed peer makes the survivor exit, never hang."""
 
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,45 +9,14 @@ import jax
 import numpy as np
 import pandas as pd
 import pytest
+from _workers import BATCH, HIDDEN, N_CLASSES, N_GENES, kill_all, spawn
 
 from ginseng import distributed
 from ginseng.train import GinsengTrainer, GinsengTrainerSettings
 
-WORKER = Path(__file__).resolve().parent / "_mp_worker.py"
-N_GENES, N_CLASSES, HIDDEN, BATCH = 24, 3, 8, 10
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _start(store, out, epochs, nproc=2, devices_per_process=2):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices_per_process}"
-    env["JAX_PLATFORMS"] = "cpu"
-    port = _free_port()
-    return [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), "--process-id", str(p), "--num-processes", str(nproc),
-             "--port", str(port), "--store", str(store), "--out", str(out), "--epochs", str(epochs),
-             "--batch-size", str(BATCH), "--hidden", str(HIDDEN)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for p in range(nproc)
-    ]
-
-
-def _stop(procs):
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-    for p in procs:
-        try:
-            p.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
+    return spawn(store, out, epochs=epochs, nproc=nproc, devices_per_process=devices_per_process)
 
 
 @pytest.fixture
@@ -81,7 +46,7 @@ def test_two_processes_two_devices_match_one_device(store, tmp_path, epochs):
             logs.append(text)
             assert p.returncode == 0, f"worker exited {p.returncode}:\n{text[-3000:]}"
     finally:
-        _stop(procs)
+        kill_all(procs, timeout=10)
     assert Path(f"{out}.0.started").read_text().split() == ["4", "2"]  # 4 global, 2 local devices
     assert not any("epoch" in text for text in logs[1:])  # only process 0 may print
     mp = np.load(out)
@@ -115,7 +80,7 @@ def test_killed_peer_makes_survivor_exit_with_a_message(store, tmp_path, victim)
         text, _ = procs[survivor].communicate(timeout=90)
         waited = time.monotonic() - killed_at
     finally:
-        _stop(procs)
+        kill_all(procs, timeout=10)
     assert procs[survivor].returncode != 0
     assert waited < 60, f"survivor took {waited:.0f} s to exit"
     # JAX's coordination service terminates the survivor and says why.
