@@ -461,6 +461,21 @@ def _settings_from_key(key: tuple) -> GinsengTrainerSettings:
     return GinsengTrainerSettings(**dict(zip(_STEP_FIELDS, key)))
 
 
+def _all_sum(mesh: Mesh):
+    """``(single, all_sum)``: the sum over the ``"data"`` axis used inside the sharded steps.
+
+    On a one-device mesh the sum is the identity, and it is left out: XLA still emits an
+    all-reduce for a ``psum`` over one device, and on the CPU backend those 14 no-op all-reduces of
+    the gradients cost ~15-20 % of the step (``benchmarks/bench_step_variants.py``). The result is
+    the same bit for bit. ``single`` also turns off shard_map's replication check, which cannot see
+    that a value summed over one device is replicated.
+    """
+    single = mesh.size == 1
+    if single:
+        return True, lambda tree: tree
+    return False, functools.partial(jax.lax.psum, axis_name=DATA_AXIS)
+
+
 @functools.lru_cache(maxsize=16)
 def _cached_train_step(key: tuple, mesh: Mesh, stop_flag: bool = False):
     """Jitted ``step(params, opt_state, metrics, key, x, y, slot, mask) -> (params, opt_state, metrics)``.
@@ -474,6 +489,7 @@ def _cached_train_step(key: tuple, mesh: Mesh, stop_flag: bool = False):
     learns that some process received SIGTERM/SIGUSR1 at no extra collective.
     """
     s = _settings_from_key(key)
+    single, all_sum = _all_sum(mesh)
 
     def cell_loss(params, key, x, y):
         k_aug, k_nn = jax.random.split(key)
@@ -497,15 +513,13 @@ def _cached_train_step(key: tuple, mesh: Mesh, stop_flag: bool = False):
         # these are this device's gradients, summed explicitly below. (Differentiating the
         # replicated params directly would make autodiff insert that sum itself, and a second
         # psum would then scale the gradients by the device count.)
-        local_params = jax.lax.pcast(params, DATA_AXIS, to="varying")
+        local_params = params if single else jax.lax.pcast(params, DATA_AXIS, to="varying")
         loss_sum, grads = jax.value_and_grad(local_loss)(local_params)
         count = jnp.sum(mask.astype(jnp.float32))
         if stop is None:
-            grads, loss_sum, count = jax.lax.psum((grads, loss_sum, count), DATA_AXIS)
+            grads, loss_sum, count = all_sum((grads, loss_sum, count))
         else:
-            grads, loss_sum, count, stop_total = jax.lax.psum(
-                (grads, loss_sum, count, jnp.sum(stop)), DATA_AXIS
-            )
+            grads, loss_sum, count, stop_total = all_sum((grads, loss_sum, count, jnp.sum(stop)))
         grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
         params, opt_state = opt_adam_update(
             grads, params, opt_state, lr=s.lr, betas=s.betas, eps=s.eps, weight_decay=s.weight_decay
@@ -519,6 +533,7 @@ def _cached_train_step(key: tuple, mesh: Mesh, stop_flag: bool = False):
         mesh=mesh,
         in_specs=(rep, rep, rep, rep, dat, dat, dat, dat) + ((dat,) if stop_flag else ()),
         out_specs=(rep, rep, rep) + ((rep,) if stop_flag else ()),
+        check_vma=not single,
     )
     return jax.jit(sharded, donate_argnums=(0, 1, 2))
 
@@ -527,6 +542,7 @@ def _cached_train_step(key: tuple, mesh: Mesh, stop_flag: bool = False):
 def _cached_eval_step(key: tuple, mesh: Mesh):
     """Jitted ``step(params, metrics, x, y, mask) -> metrics``; metrics = [loss_sum, correct, count]."""
     s = _settings_from_key(key)
+    single, all_sum = _all_sum(mesh)
 
     def local_step(params, metrics, x, y, mask):
         x = jnp.where(mask[:, None], x, 0.0)
@@ -538,11 +554,12 @@ def _cached_eval_step(key: tuple, mesh: Mesh):
         loss_sum = jnp.sum(jnp.where(mask, losses, 0.0))
         correct = jnp.sum(jnp.where(mask, jnp.argmax(logits, axis=-1) == y, False).astype(jnp.float32))
         count = jnp.sum(mask.astype(jnp.float32))
-        return metrics + jax.lax.psum(jnp.stack([loss_sum, correct, count]), DATA_AXIS)
+        return metrics + all_sum(jnp.stack([loss_sum, correct, count]))
 
     rep, dat = P(), P(DATA_AXIS)
     sharded = jax.shard_map(
-        local_step, mesh=mesh, in_specs=(rep, rep, dat, dat, dat), out_specs=rep
+        local_step, mesh=mesh, in_specs=(rep, rep, dat, dat, dat), out_specs=rep,
+        check_vma=not single,
     )
     return jax.jit(sharded, donate_argnums=(1,))
 

@@ -157,6 +157,22 @@ def test_one_step_one_device_equals_four_devices_partial_batch():
     assert _max_diff(p1, _run_steps(SETTINGS, jax.devices()[:1], _batches(10, 1, seed=1))[0]) > 1e-4
 
 
+def test_one_device_step_has_no_all_reduce_and_four_devices_do():
+    # A psum over one device is the identity, but XLA would still emit (slow, on CPU) all-reduces.
+    def hlo(devices):
+        mesh = make_mesh(devices)
+        params, opt = _build_init(SETTINGS, mesh, N_GENES, N_CLASSES)(jax.random.key(0))
+        key = jax.random.wrap_key_data(_replicate(jax.random.key_data(jax.random.key(5)), mesh))
+        x, y = _batches(8, 1)[0]
+        args = _global_arrays(_pad(x, y, 8), mesh, 8)
+        metrics = _replicate(np.zeros(2, np.float32), mesh)
+        step = _build_train_step(SETTINGS, mesh)
+        return step.lower(params, opt, metrics, key, *args).compile().as_text()
+
+    assert "all-reduce" not in hlo(jax.devices()[:1])
+    assert "all-reduce" in hlo(jax.devices())
+
+
 def test_steps_are_bit_identical_run_after_run():
     batches = _batches(9, 3)
     a = _run_steps(SETTINGS, jax.devices(), batches)
