@@ -1031,7 +1031,7 @@ class BatchLoader:
         # Batches are read in groups of ~one window of rows: one concurrent TensorStore read each.
         group = max(1, _WINDOW_ROWS // self.batch_size)
         groups = [
-            list(range(g, min(self.num_batches, g + group)))
+            range(g, min(self.num_batches, g + group))
             for g in range(start_batch, self.num_batches, group)
         ]
         out: queue.Queue = queue.Queue(maxsize=self.prefetch)
@@ -1047,33 +1047,49 @@ class BatchLoader:
                     continue
             return False
 
-        # Per group: its batch layouts, the sorted stored rows this process needs, their chunks.
-        infos = []
-        for g in groups:
-            layouts = [self._batch_layout(plan, b) for b in g]
-            rows = np.unique(np.concatenate([ds._rank[ix[m]] for ix, _, m in layouts]))
-            infos.append((layouts, rows, np.unique(rows // ds.chunk_rows)))
-        chunk_ids = iter([int(c) for _, _, chunks in infos for c in chunks])
         n_cells, R = ds.n_cells, ds.chunk_rows
         max_inflight = max(
             4, _INFLIGHT_BYTES // max(1, R * ds.n_genes * ds._X.dtype.numpy_dtype.itemsize)
         )
 
+        def group_info(g):
+            """A group's batch layouts, the sorted stored rows this process needs, their chunks."""
+            layouts = [self._batch_layout(plan, b) for b in g]
+            rows = np.unique(np.concatenate([ds._rank[ix[m]] for ix, _, m in layouts]))
+            return layouts, rows, np.unique(rows // R)
+
         def work():
             # Whole-chunk reads (TensorStore decodes them concurrently on its own threads), kept
             # _INFLIGHT_BYTES ahead of use across group boundaries: reading overlaps assembling
-            # and the consumer's step, and memory stays bounded whatever the dataset size.
+            # and the consumer's step. Group layouts are built as the reads reach them, never for
+            # the whole epoch at once, so memory stays bounded whatever the dataset size.
             inflight: deque = deque()
+            pending_chunks: deque = deque()  # chunk ids planned, not yet read
+            infos: deque = deque()  # group infos planned, not yet assembled
+            group_iter = iter(groups)
+
+            def plan_next_group() -> bool:
+                g = next(group_iter, None)
+                if g is None:
+                    return False
+                info = group_info(g)
+                infos.append(info)
+                pending_chunks.extend(int(c) for c in info[2])
+                return True
 
             def refill():
                 while len(inflight) < max_inflight:
-                    c = next(chunk_ids, None)
-                    if c is None:
+                    if not pending_chunks and not plan_next_group():
                         return
-                    inflight.append(ds._X[c * R : min(n_cells, (c + 1) * R)].read())
+                    if pending_chunks:
+                        c = pending_chunks.popleft()
+                        inflight.append(ds._X[c * R : min(n_cells, (c + 1) * R)].read())
 
             try:
-                for layouts, rows, chunks in infos:
+                for _ in groups:
+                    if not infos:
+                        plan_next_group()
+                    layouts, rows, chunks = infos.popleft()
                     # A mostly-needed chunk is copied whole (a memcpy); a sparsely-needed one
                     # contributes only its rows, so the buffer stays near the rows needed.
                     bounds = np.searchsorted(rows, np.stack([chunks * R, (chunks + 1) * R]))

@@ -188,3 +188,28 @@ def test_early_exit_stops_reader_thread(ds):
         next(it)
         it.close()
     assert threading.active_count() == before
+
+
+def test_epoch_plans_batches_as_it_reads_not_all_upfront(ds, monkeypatch):
+    # Memory must not grow with the dataset: the loader may plan only a few groups ahead of use.
+    monkeypatch.setattr(gdata, "_WINDOW_ROWS", 64)  # groups of 8 batches of 8 rows
+    monkeypatch.setattr(gdata, "_INFLIGHT_BYTES", 1)  # 4 chunk reads in flight
+    calls = []
+    layout = gdata.BatchLoader._batch_layout
+
+    def counting(self, plan, b):
+        calls.append(b)
+        return layout(self, plan, b)
+
+    monkeypatch.setattr(gdata.BatchLoader, "_batch_layout", counting)
+    ld = ds.loader(8, split="train", seed=3, prefetch=1)
+    it = ld.epoch(0)
+    first = next(it)
+    threading.Event().wait(0.3)  # let the reader run as far ahead as it is allowed to
+    assert len(calls) <= 40 < ld.num_batches
+    rest = list(it)
+    seen = np.concatenate([b.index[b.mask] for b in [first, *rest]])
+    np.testing.assert_array_equal(np.sort(seen), ds.train_indices)
+    assert sorted(calls) == list(range(ld.num_batches))  # each batch planned exactly once
+    for b in rest[:5]:
+        np.testing.assert_array_equal(b.x[b.mask], ds._X_dense[b.index[b.mask]])
