@@ -67,7 +67,7 @@ def time_steps(n_devices, batch, steps, settings, n_genes, n_classes):
     mesh = make_mesh(jax.devices()[:n_devices])
     params, opt = _build_init(settings, mesh, n_genes, n_classes)(jax.random.key(0))
     key = jax.random.wrap_key_data(_replicate(jax.random.key_data(jax.random.key(1)), mesh))
-    step = _build_train_step(settings, mesh)
+    step = _build_train_step(settings, mesh, total_steps=steps + 2)
     metrics = _replicate(np.zeros(2, np.float32), mesh)
     rng = np.random.default_rng(0)
     x = rng.poisson(1.0, (batch, n_genes)).astype(np.float32)

@@ -24,7 +24,7 @@ x=jnp.asarray(np.random.default_rng(0).poisson(1.0,(B,G)).astype(np.float32)); y
 slot=jnp.arange(B,dtype=jnp.int32); mask=jnp.ones(B,bool)
 mesh=make_mesh(jax.devices()[:1]); rep=NamedSharding(mesh,P()); dat=NamedSharding(mesh,P('data'))
 cp=lambda t: jax.tree.map(lambda a: jnp.array(a, copy=True), t)
-st=GinsengTrainerSettings()
+st=GinsengTrainerSettings(lr_schedule='constant')  # the body below uses a constant lr
 def cell_loss(params,key,x,y):
     k_aug,k_nn=jax.random.split(key)
     x=augment(k_aug,x,None,None,None,None)
@@ -40,7 +40,7 @@ def body(params,opt_state,metrics,key,x,y,slot,mask):
     return params,opt_state,metrics+jnp.stack([ls,c])
 args = lambda: (jax.device_put(cp(p0), rep), jax.device_put(cp(s0), rep), jax.device_put(jnp.zeros(2), rep))
 data = (jax.device_put(jax.random.key(1), rep), jax.device_put(x, dat), jax.device_put(y, dat), jax.device_put(slot, dat), jax.device_put(mask, dat))
-variants = {'trainer': _build_train_step(st, mesh), 'jit_body': jax.jit(body, donate_argnums=(0, 1, 2))}
+variants = {'trainer': _build_train_step(st, mesh, total_steps=1), 'jit_body': jax.jit(body, donate_argnums=(0, 1, 2))}
 
 from jax import lax
 

@@ -187,7 +187,10 @@ class OptimConfig:
     """Adam with decoupled weight decay."""
 
     lr: float = 1e-3
-    """Learning rate."""
+    """Learning rate (the peak rate under a schedule)."""
+
+    lr_schedule: str = "constant"
+    """'constant': lr throughout; 'cosine': decay from lr to 0 over the run's steps."""
 
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     """Decay rates of Adam's first and second moment estimates."""
@@ -201,6 +204,8 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if not self.lr > 0:
             _fail(f"optim.lr must be > 0, got {self.lr}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            _fail(f"optim.lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             _fail(f"optim.betas must be two numbers in [0, 1), got {list(self.betas)}")
         if not self.eps > 0:
@@ -578,6 +583,7 @@ def to_trainer_settings(cfg: GinsengConfig, workdir: str | os.PathLike | None = 
         "dropout_rate": m.dropout_rate,
         "batch_size": t.batch_size,
         "lr": o.lr,
+        "lr_schedule": o.lr_schedule,
         "betas": tuple(float(b) for b in o.betas),
         "eps": o.eps,
         "weight_decay": o.weight_decay,

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PyTree
 
-__all__ = ["AdamState", "opt_adam_update", "opt_init_adam"]
+__all__ = ["AdamState", "opt_adam_update", "opt_cosine_lr", "opt_init_adam"]
 
 
 class AdamState(NamedTuple):
@@ -98,3 +98,30 @@ def opt_adam_update(
         return p - lr * u
 
     return jax.tree.map(update, params, m, v), AdamState(step=step, m=m, v=v)
+
+
+def opt_cosine_lr(lr: float, step: Int[Array, ""] | int, total_steps: int) -> Float[Array, ""]:
+    """Learning rate of step ``step`` under cosine decay from ``lr`` to 0 over ``total_steps``.
+
+    ``lr * (1 + cos(pi * step / total_steps)) / 2``: ``lr`` at step 0, ``lr / 2`` half way, 0 from
+    ``total_steps`` on. Jit-safe (``step`` may be traced).
+
+    Parameters
+    ----------
+    lr : float
+        Peak (initial) learning rate.
+    step : int | Array
+        Step index, from 0 (e.g. ``AdamState.step`` before the update).
+    total_steps : int
+        Number of steps over which the rate decays.
+
+    Returns
+    -------
+    Array
+        The learning rate (float32 scalar).
+    """
+    if int(total_steps) < 1:
+        msg = f"total_steps must be >= 1, got {total_steps}"
+        raise ValueError(msg)
+    t = jnp.minimum(jnp.asarray(step, jnp.float32) / float(total_steps), 1.0)
+    return jnp.float32(lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * t))

@@ -183,7 +183,7 @@ def test_checkpoint_holds_the_whole_training_state(store, tmp_path):
 
 
 def test_resume_refuses_other_settings_and_missing_dir(tmp_path):
-    settings = dataclasses.replace(RUN, checkpoint_dir=str(tmp_path / "ckpt"))
+    settings = dataclasses.replace(RUN, checkpoint_dir=str(tmp_path / "ckpt"), lr_schedule="cosine")
     GinsengTrainer(MemoryDataset(), settings, epochs=1, silent=True)
     other = dataclasses.replace(settings, lr=2e-3)
     with pytest.raises(ValueError, match=r"other settings: lr: checkpoint 0.001, now 0.002"):
@@ -195,12 +195,24 @@ def test_resume_refuses_other_settings_and_missing_dir(tmp_path):
     with pytest.raises(FileExistsError, match=r"already holds a checkpoint \(checkpoint.h5\); pass resume=True"):
         GinsengTrainer(MemoryDataset(), settings, epochs=1, silent=True)
     assert (tmp_path / "ckpt" / CKPT).read_bytes() == before
+    # The cosine schedule spans the run: a resumed run cannot change its length.
+    with pytest.raises(
+        ValueError, match=r"a run of 1 epochs \(8 steps\), this run has 2 epochs \(16 steps\).*epochs=1"
+    ):
+        GinsengTrainer(MemoryDataset(), settings, epochs=2, silent=True, resume=True)
+    assert (tmp_path / "ckpt" / CKPT).read_bytes() == before
     # checkpoint_dir / checkpoint_every may change between a run and its resumption.
     moved = dataclasses.replace(settings, checkpoint_every=5)
-    log, _ = GinsengTrainer(MemoryDataset(), moved, epochs=2, silent=True, resume=True)
+    log, _ = GinsengTrainer(MemoryDataset(), moved, epochs=1, silent=True, resume=True)
+    assert log.epoch == [0]
+    # With a constant rate a finished run can be extended; resuming it with as many epochs
+    # just returns it.
+    flat = dataclasses.replace(RUN, checkpoint_dir=str(tmp_path / "flat"))
+    assert flat.lr_schedule == "constant"  # the default
+    GinsengTrainer(MemoryDataset(), flat, epochs=1, silent=True)
+    log, _ = GinsengTrainer(MemoryDataset(), flat, epochs=2, silent=True, resume=True)
     assert log.epoch == [0, 1]
-    # Resuming a finished run with as many epochs just returns it.
-    log, _ = GinsengTrainer(MemoryDataset(), settings, epochs=2, silent=True, resume=True)
+    log, _ = GinsengTrainer(MemoryDataset(), flat, epochs=2, silent=True, resume=True)
     assert log.epoch == [0, 1]
 
 
@@ -444,8 +456,8 @@ def test_stop_requests_are_summed_over_all_devices():
     mesh = make_mesh(jax.devices())
     params, opt = _build_init(SETTINGS, mesh, 24, 3)(jax.random.key(0))
     key = jax.random.wrap_key_data(_replicate(jax.random.key_data(jax.random.key(5)), mesh))
-    step = _build_train_step(SETTINGS, mesh, stop_flag=True)
-    plain = _build_train_step(SETTINGS, mesh)
+    step = _build_train_step(SETTINGS, mesh, 10, stop_flag=True)
+    plain = _build_train_step(SETTINGS, mesh, 10)
     (x, y), = _batches(8, 1)
     arrays = _global_arrays(_pad(x, y, 8), mesh, 8)
     for flags, want in (([0, 0, 0, 0], 0), ([0, 0, 1, 0], 1), ([1, 1, 1, 1], 4)):

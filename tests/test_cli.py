@@ -160,14 +160,17 @@ def test_values_are_validated_with_names_and_numbers():
         to_object(compose(["trainer.batch_size=0"]))
     with pytest.raises(ValueError, match=r"data.test_fraction must be in \[0, 1\), got 1.5"):
         to_object(compose(["data.test_fraction=1.5"]))
+    with pytest.raises(ValueError, match=r"optim.lr_schedule must be 'constant' or 'cosine', got 'linear'"):
+        to_object(compose(["optim.lr_schedule=linear"]))
 
 
 def test_config_maps_to_trainer_settings(tmp_path):
     cfg = to_object(compose(["model.hidden_dim=64", "optim.lr=0.01", "trainer.batch_size=32",
-                             "trainer.balance_train=false"]))
+                             "trainer.balance_train=false", "optim.lr_schedule=cosine"]))
     assert isinstance(cfg, GinsengConfig)
     s = to_trainer_settings(cfg, tmp_path)
     assert (s.hidden_dim, s.lr, s.batch_size, s.balance_train) == (64, 0.01, 32, False)
+    assert s.lr_schedule == "cosine"
     assert s.betas == (0.9, 0.999)
     if hasattr(s, "checkpoint_dir"):  # checkpoints go into the run directory by default
         assert s.checkpoint_dir == str(tmp_path / "checkpoints")

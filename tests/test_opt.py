@@ -2,7 +2,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ginseng.opt import AdamState, opt_adam_update, opt_init_adam
+import pytest
+
+from ginseng.opt import AdamState, opt_adam_update, opt_cosine_lr, opt_init_adam
 
 
 def _reference_adamw(g_seq, p0, lr, b1, b2, eps, wd):
@@ -44,3 +46,14 @@ def test_first_step_moves_each_parameter_by_lr():
     p = {"w": jnp.zeros(3)}
     new, _ = opt_adam_update({"w": jnp.asarray([2.0, -0.5, 1e-3])}, p, opt_init_adam(p), lr=0.1)
     np.testing.assert_allclose(new["w"], [-0.1, 0.1, -0.1], rtol=1e-4)
+
+
+def test_cosine_lr_decays_from_lr_to_zero_and_is_jit_safe():
+    lr = jax.jit(lambda step: opt_cosine_lr(0.02, step, 10))
+    values = np.asarray([float(lr(jnp.int32(t))) for t in range(13)])
+    expected = 0.01 * (1 + np.cos(np.pi * np.minimum(np.arange(13), 10) / 10))
+    np.testing.assert_allclose(values, expected, rtol=1e-6, atol=1e-9)
+    assert values[0] == pytest.approx(0.02) and values[5] == pytest.approx(0.01)
+    assert np.all(np.diff(values[:11]) < 0) and np.all(values[10:] == 0.0)
+    with pytest.raises(ValueError, match="total_steps must be >= 1, got 0"):
+        opt_cosine_lr(0.02, 0, 0)

@@ -50,6 +50,7 @@ def _identical(a, b) -> bool:
         ({"dropout_rate": -0.1}, r"dropout_rate .* got -0.1"),
         ({"lr": 0.0}, r"lr must be a number > 0.0, got 0.0"),
         ({"lr": float("nan")}, r"lr must be .* got nan"),
+        ({"lr_schedule": "linear"}, r"lr_schedule must be 'constant' or 'cosine', got 'linear'"),
         ({"holdout_fraction": 1.0}, r"holdout_fraction .* got 1.0"),
         ({"group_mode": "random"}, r"group_mode must be 'fraction' or 'loo', got 'random'"),
         ({"lower": 5, "upper": 5}, r"upper must be > lower, got lower=5, upper=5"),
@@ -124,12 +125,12 @@ def _pad(x, y, global_rows, junk=False):
     return Batch(xp, yp, np.arange(global_rows, dtype=np.int32), mask, np.where(mask, 0, -1))
 
 
-def _run_steps(settings, devices, batches, junk=False):
+def _run_steps(settings, devices, batches, total_steps=None, junk=False):
     mesh = make_mesh(devices)
     n_dev = len(devices)
     params, opt = _build_init(settings, mesh, N_GENES, N_CLASSES)(jax.random.key(0))
     key = jax.random.wrap_key_data(_replicate(jax.random.key_data(jax.random.key(5)), mesh))
-    step = _build_train_step(settings, mesh)
+    step = _build_train_step(settings, mesh, total_steps=total_steps or max(1, len(batches)))
     metrics = _replicate(np.zeros(2, np.float32), mesh)
     for x, y in batches:
         rows = -(-len(y) // n_dev) * n_dev
@@ -166,11 +167,28 @@ def test_one_device_step_has_no_all_reduce_and_four_devices_do():
         x, y = _batches(8, 1)[0]
         args = _global_arrays(_pad(x, y, 8), mesh, 8)
         metrics = _replicate(np.zeros(2, np.float32), mesh)
-        step = _build_train_step(SETTINGS, mesh)
+        step = _build_train_step(SETTINGS, mesh, total_steps=1)
         return step.lower(params, opt, metrics, key, *args).compile().as_text()
 
     assert "all-reduce" not in hlo(jax.devices()[:1])
     assert "all-reduce" in hlo(jax.devices())
+
+
+def test_cosine_schedule_spans_the_given_steps():
+    import dataclasses
+
+    batches = _batches(8, 3)
+    flat = dataclasses.replace(SETTINGS, lr_schedule="constant")
+    cos = dataclasses.replace(SETTINGS, lr_schedule="cosine")
+    one = jax.devices()[:1]
+    # Step 0 of a cosine schedule runs at the full rate: the same first step as a constant rate.
+    assert _identical(_run_steps(flat, one, batches[:1])[0], _run_steps(cos, one, batches[:1])[0])
+    # Over 3 steps a 1000-step schedule barely decays (rates 1, 0.99999, 0.99996 x lr); a 3-step
+    # one does (1, 0.75, 0.25 x lr): its parameters end far further from the constant-rate ones.
+    p_flat = _run_steps(flat, one, batches)[0]
+    p_long = _run_steps(cos, one, batches, 1000)[0]
+    p_short = _run_steps(cos, one, batches, 3)[0]
+    assert 0 < _max_diff(p_long, p_flat) < 0.01 * _max_diff(p_short, p_flat)
 
 
 def test_steps_are_bit_identical_run_after_run():
