@@ -1,7 +1,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 import pytest
 
 from ginseng.opt import AdamState, opt_adam_update, opt_cosine_lr, opt_init_adam
