@@ -717,7 +717,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     dict
         ``epoch`` (the epoch to continue in), ``step_in_epoch`` (batches of that epoch already
         done), ``batches_per_epoch``, ``global_step`` (optimizer steps taken), ``total_steps`` (of
-        the whole run: epochs x batches per epoch, which the learning-rate schedule spans), ``params``,
+        the whole run: epochs x batches per epoch, which the learning-rate schedule spans; None in
+        checkpoints written before schedules existed), ``params``,
         ``opt_state`` (`AdamState` of numpy arrays), ``train_key`` (uint32 key data), ``rng_impl``,
         ``metrics`` (the epoch's running ``[loss_sum, n_cells]``), ``logger`` (dict of arrays),
         ``settings`` (dict), ``dataset_identity`` (str), ``device_count``.
@@ -759,7 +760,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
                     "step_in_epoch": int(f.attrs["step_in_epoch"]),
                     "batches_per_epoch": int(f.attrs["batches_per_epoch"]),
                     "global_step": int(f.attrs["global_step"]),
-                    "total_steps": int(f.attrs["total_steps"]),
+                    # Absent from checkpoints written before lr_schedule existed (constant rate).
+                    "total_steps": int(f.attrs["total_steps"]) if "total_steps" in f.attrs else None,
                     "settings": json.loads(f.attrs["settings"]),
                     "dataset_identity": str(f.attrs["dataset_identity"]),
                     "rng_impl": str(f.attrs["rng_impl"]),
@@ -807,7 +809,7 @@ def _load_checkpoint(
             f"not for this dataset {str(identity)!r}; use another checkpoint_dir or resume=False"
         )
         raise ValueError(msg)
-    saved = rec["settings"]
+    saved = {"lr_schedule": "constant", **rec["settings"]}  # older checkpoints: constant rate
     now = json.loads(json.dumps(_settings_record(settings), sort_keys=True))
     differ = [
         f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}"

@@ -216,6 +216,22 @@ def test_resume_refuses_other_settings_and_missing_dir(tmp_path):
     assert log.epoch == [0, 1]
 
 
+def test_checkpoint_from_before_lr_schedules_resumes_at_a_constant_rate(tmp_path):
+    import json
+
+    import h5py
+
+    settings = dataclasses.replace(RUN, checkpoint_dir=str(tmp_path / "ckpt"))
+    GinsengTrainer(MemoryDataset(), settings, epochs=1, silent=True)
+    with h5py.File(tmp_path / "ckpt" / CKPT, "r+") as f:  # as written before lr_schedule existed
+        del f.attrs["total_steps"]
+        old = json.loads(f.attrs["settings"])
+        del old["lr_schedule"]
+        f.attrs["settings"] = json.dumps(old, sort_keys=True)
+    log, _ = GinsengTrainer(MemoryDataset(), settings, epochs=2, silent=True, resume=True)
+    assert log.epoch == [0, 1]
+
+
 def test_resume_refuses_another_dataset(store, tmp_path):
     from conftest import make_counts
 
