@@ -1085,6 +1085,7 @@ class BatchLoader:
                         c = pending_chunks.popleft()
                         inflight.append(ds._X[c * R : min(n_cells, (c + 1) * R)].read())
 
+            whole_buf = None
             try:
                 for _ in groups:
                     if not infos:
@@ -1102,7 +1103,11 @@ class BatchLoader:
                         pos[lo:hi] = base + (rows[lo:hi] - c * R if whole else np.arange(hi - lo))
                         spans.append((c, lo, hi, base, whole))
                         base += size if whole else hi - lo
-                    buf = np.empty((base, ds.n_genes), dtype=ds._X.dtype.numpy_dtype)
+                    # One buffer for the whole epoch, grown when a group needs more: a fresh
+                    # 64 MB allocation per group cost as much in page faults as decoding it.
+                    if whole_buf is None or whole_buf.shape[0] < base:
+                        whole_buf = np.empty((base, ds.n_genes), dtype=ds._X.dtype.numpy_dtype)
+                    buf = whole_buf[:base]
                     for c, lo, hi, start, whole in spans:
                         refill()
                         try:
