@@ -19,9 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import queue
 import re
-import threading
 import types
 import warnings
 import weakref
@@ -42,6 +40,7 @@ from jaxtyping import Array, Float
 from tqdm.auto import tqdm
 
 from ginseng._files import atomic_path, check_writable_target
+from ginseng._threads import background
 from ginseng.nn import nn_annotate
 from ginseng.state import GinsengModelState
 
@@ -387,55 +386,6 @@ def _replicate(params, sharding: NamedSharding):
         return jax.make_array_from_callback(arr.shape, sharding, lambda idx: arr[idx])
 
     return jax.tree_util.tree_map(put, params)
-
-
-# --------------------------------------------------------------------------------------------
-# Background prefetch
-# --------------------------------------------------------------------------------------------
-
-
-class _Prefetch:
-    """Run ``produce(i)`` for i in range(n) on a thread, at most ``depth`` results ahead."""
-
-    _DONE = object()
-
-    def __init__(self, produce, n: int, depth: int = 2):
-        self._q: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(produce, n), daemon=True)
-        self._thread.start()
-
-    def _run(self, produce, n):
-        try:
-            for i in range(n):
-                if self._stop.is_set():
-                    return
-                self._put(("ok", produce(i)))
-        except BaseException as err:  # noqa: BLE001 - handed to the consumer, raised there
-            self._put(("err", err))
-            return
-        self._put(("ok", self._DONE))
-
-    def _put(self, item):
-        while not self._stop.is_set():
-            try:
-                self._q.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def __iter__(self):
-        while True:
-            kind, item = self._q.get()
-            if kind == "err":
-                raise item
-            if item is self._DONE:
-                return
-            yield item
-
-    def close(self):
-        self._stop.set()
-        self._thread.join(timeout=10)
 
 
 # --------------------------------------------------------------------------------------------
@@ -989,7 +939,9 @@ def annotate(
                     arr[a:b] = out[k]
             bar.update(n)
 
-        prefetch = _Prefetch(produce, n_batches, depth=depth)
+        prefetch = background(
+            lambda: map(produce, range(n_batches)), depth=depth, name="ginseng-annotate"
+        )
         stack.callback(prefetch.close)
         pending = None
         for i, x, index in prefetch:

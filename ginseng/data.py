@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import queue
-import threading
 import uuid
 import warnings
 from collections import deque
@@ -38,6 +36,7 @@ from tqdm.auto import tqdm
 from zarr.codecs import BloscCodec
 
 from ginseng._files import atomic_path
+from ginseng._threads import background
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "Batch", "BatchLoader", "GinsengDataset"]
 
@@ -1034,19 +1033,6 @@ class BatchLoader:
             range(g, min(self.num_batches, g + group))
             for g in range(start_batch, self.num_batches, group)
         ]
-        out: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
-        done = object()
-
-        def put(item) -> bool:
-            while not stop.is_set():
-                try:
-                    out.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
         n_cells, R = ds.n_cells, ds.chunk_rows
         max_inflight = max(
             4, _INFLIGHT_BYTES // max(1, R * ds.n_genes * ds._X.dtype.numpy_dtype.itemsize)
@@ -1130,23 +1116,9 @@ class BatchLoader:
                                 real = index[mask]
                                 x[mask] = buf[pos[np.searchsorted(rows, ds._rank[real])]]
                                 y[mask] = ds.labels[real]
-                        if not put(Batch(x, y, slot, mask, index)):
-                            return
+                        yield Batch(x, y, slot, mask, index)
                     del buf
-                put(done)
-            except BaseException as exc:  # noqa: BLE001 -- re-raised in the consumer thread
-                put(exc)
+            finally:
+                inflight.clear()
 
-        thread = threading.Thread(target=work, name="ginseng-loader", daemon=True)
-        thread.start()
-        try:
-            while True:
-                item = out.get()
-                if item is done:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            thread.join()
+        yield from background(work, depth=self.prefetch, name="ginseng-loader")
