@@ -2,6 +2,9 @@
 
 One CPU device, batch 256 x 2,000 genes, hidden 256, 10 classes. Prints ms per step for each
 variant over several rounds, then the max |param difference| after one step against plain jit.
+The shard_map variants keep their psum on the one-device mesh (XLA emits real all-reduces for it,
+~20 % of the step on CPU); the trainer leaves that psum out on one device and matches plain jit
+(benchmarks/RESULTS.md, section 4a).
 
     python benchmarks/bench_step_variants.py
 """
