@@ -1117,8 +1117,7 @@ class BatchLoader:
                                 x[mask] = buf[pos[np.searchsorted(rows, ds._rank[real])]]
                                 y[mask] = ds.labels[real]
                         yield Batch(x, y, slot, mask, index)
-                    del buf
             finally:
-                inflight.clear()
+                inflight.clear()  # closed early: drop the reads still in flight
 
         yield from background(work, depth=self.prefetch, name="ginseng-loader")
