@@ -37,8 +37,9 @@ def background(make: Callable[[], Iterable[T]], depth: int, name: str) -> Iterat
         return False
 
     def run() -> None:
-        items = iter(make())
+        items = None
         try:
+            items = iter(make())  # inside the try: a failing make() must reach the consumer too
             for item in items:
                 if not put(item):
                     return
@@ -46,7 +47,7 @@ def background(make: Callable[[], Iterable[T]], depth: int, name: str) -> Iterat
         except BaseException as exc:  # noqa: BLE001 -- re-raised in the consumer's thread
             put(_Raised(exc))
         finally:
-            close = getattr(items, "close", None)
+            close = getattr(items, "close", None)  # None too when make() itself failed
             if close is not None:
                 close()
 

@@ -34,6 +34,14 @@ def test_producer_error_is_raised_in_the_consumer():
         next(it)
 
 
+def test_error_in_make_itself_is_raised_not_a_hang():
+    def make():
+        raise OSError("store not readable")
+
+    with pytest.raises(OSError, match="store not readable"):
+        next(background(make, depth=2, name="t-make"))
+
+
 def test_close_stops_and_joins_the_thread_and_closes_the_producer():
     closed = threading.Event()
 
