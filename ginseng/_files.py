@@ -11,30 +11,58 @@ import contextlib
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 __all__ = ["atomic_path", "check_writable_target"]
 
 
-def check_writable_target(path: str | os.PathLike, overwrite: bool = False, what: str = "output") -> Path:
+def check_writable_target(
+    path: str | os.PathLike,
+    overwrite: bool = False,
+    what: str = "output",
+    kind: str = "file",
+    replaceable: Callable[[Path], bool] | None = None,
+) -> Path:
     """Validate that ``path`` may be written: its directory exists and it does not exist yet.
+
+    ``overwrite=True`` allows replacing what is there only when it is of the same ``kind`` as
+    what will be written: a file for ``kind="file"``; for ``kind="dir"``, a directory that
+    ``replaceable`` recognises as ginseng's own (a dataset or annotation store). A directory is
+    never replaced by a file, nor a file by a directory, nor a user's directory by a store:
+    ``overwrite`` is a request to replace an earlier output, not to delete whatever is there.
 
     Raises
     ------
     FileNotFoundError
         When the parent directory does not exist.
     FileExistsError
-        When ``path`` exists and ``overwrite`` is False.
+        When ``path`` exists and ``overwrite`` is False, or it exists and is not something that
+        ``overwrite`` may replace.
     """
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         msg = f"the directory of {what} {str(path)!r} does not exist: {str(parent)!r}"
         raise FileNotFoundError(msg)
-    if path.exists() and not overwrite:
-        msg = f"{what} {str(path)!r} already exists; pass overwrite=True to replace it"
-        raise FileExistsError(msg)
+    if path.exists() or path.is_symlink():
+        if not overwrite:
+            msg = f"{what} {str(path)!r} already exists; pass overwrite=True to replace it"
+            raise FileExistsError(msg)
+        is_dir = path.is_dir()
+        if kind == "file" and is_dir:
+            msg = (
+                f"{what} {str(path)!r} is an existing directory; refusing to replace it with a "
+                "file even with overwrite=True. Choose another path or remove it yourself."
+            )
+            raise FileExistsError(msg)
+        if kind == "dir" and (not is_dir or replaceable is None or not replaceable(path)):
+            found = "a directory ginseng did not write" if is_dir else "an existing file"
+            msg = (
+                f"{what} {str(path)!r} is {found}; refusing to replace it even with "
+                "overwrite=True. Choose another path or remove it yourself."
+            )
+            raise FileExistsError(msg)
     return path
 
 
@@ -70,22 +98,36 @@ def _fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, overwrite: bool = False, what: str = "output") -> Iterator[Path]:
+def atomic_path(
+    path: str | os.PathLike,
+    overwrite: bool = False,
+    what: str = "output",
+    kind: str = "file",
+    replaceable: Callable[[Path], bool] | None = None,
+) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it onto ``path``.
 
-    Works for files and directories (a zarr store is a directory). On any exception the
-    temporary is removed and ``path`` is left as it was. With ``overwrite=True`` an existing
-    ``path`` is replaced only after the new one is complete.
+    Works for files (``kind="file"``) and directories (``kind="dir"``: a zarr store). On any
+    exception the temporary is removed and ``path`` is left as it was. With ``overwrite=True``
+    an existing ``path`` is replaced only after the new one is complete, and only when
+    :func:`check_writable_target` allows it (same kind; a directory only when ``replaceable``
+    recognises it), checked both before and after writing.
 
     Examples
     --------
     >>> with atomic_path("model.h5") as tmp:        # doctest: +SKIP
     ...     write_hdf5(tmp)
     """
-    final = check_writable_target(path, overwrite=overwrite, what=what)
+    if kind not in ("file", "dir"):
+        msg = f"kind must be 'file' or 'dir', got {kind!r}"
+        raise ValueError(msg)
+    final = check_writable_target(path, overwrite, what, kind, replaceable)
     tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         yield tmp
+        if tmp.is_dir() != (kind == "dir"):
+            msg = f"internal: {what} was written as a {'directory' if tmp.is_dir() else 'file'}, not a {kind}"
+            raise RuntimeError(msg)
         if tmp.is_file():
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
@@ -93,6 +135,7 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = False, what: str = "o
             if not overwrite:  # appeared while we were writing
                 msg = f"{what} {str(final)!r} appeared while writing; not replacing it"
                 raise FileExistsError(msg)
+            check_writable_target(final, overwrite, what, kind, replaceable)  # changed meanwhile?
             if final.is_dir() and not final.is_symlink():
                 # os.replace cannot put a directory over a non-empty one. Swap the two in one
                 # atomic step where the kernel can, so a complete store is always at the path;

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import re
 import types
@@ -442,6 +443,17 @@ class _TableWriter:
             self._fh.close()
 
 
+def _is_annotation_store(path: Path) -> bool:
+    """Whether ``path`` is a store that annotate wrote (only those may be replaced)."""
+    try:
+        with open(Path(path) / "zarr.json") as fh:
+            doc = json.load(fh)
+    except (OSError, ValueError):
+        return False
+    attrs = doc.get("attributes") if isinstance(doc, dict) else None
+    return isinstance(attrs, dict) and attrs.get("format") == "ginseng.annotation"
+
+
 def _open_zarr_arrays(path: Path, n_cells: int, chunk_rows: int, label_values, genes,
                       want_probs: bool, want_attn: bool):
     import zarr
@@ -770,7 +782,7 @@ def annotate(
         check_writable_target(out_path, overwrite, "output")
         if return_probs or return_attn:
             zarr_path = out_path.with_suffix(".zarr")
-            check_writable_target(zarr_path, overwrite, "output store")
+            check_writable_target(zarr_path, overwrite, "output store", "dir", _is_annotation_store)
     if truth_key is not None:
         if report_dir is not None:
             rdir = Path(report_dir)
@@ -908,7 +920,10 @@ def annotate(
             table_writer = _TableWriter(tmp_table, fmt, with_entropy=n_samples > 1)
             stack.callback(table_writer.close)  # runs before the rename (LIFO)
             if zarr_path is not None:
-                tmp_zarr = stack.enter_context(atomic_path(zarr_path, overwrite=overwrite, what="output store"))
+                tmp_zarr = stack.enter_context(atomic_path(
+                        zarr_path, overwrite=overwrite, what="output store", kind="dir",
+                        replaceable=_is_annotation_store,
+                    ))
                 zarr_arrays = _open_zarr_arrays(tmp_zarr, n_cells, global_batch, label_str, model_genes,
                                                 bool(return_probs), bool(return_attn))
 

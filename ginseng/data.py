@@ -587,7 +587,13 @@ class GinsengDataset:
             np.random.default_rng(seed).permutation(n_cells) if shuffle else np.arange(n_cells)
         ).astype(np.int64)
 
-        with atomic_path(path, overwrite=overwrite, what="dataset") as tmp:
+        with atomic_path(
+            path,
+            overwrite=overwrite,
+            what="dataset",
+            kind="dir",
+            replaceable=lambda p: _read_ginseng_attrs(p) is not None,
+        ) as tmp:
             root = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w")
             root.attrs.update(
                 {

@@ -198,6 +198,19 @@ def test_output_file_equals_in_memory(adata, state, tmp_path, ext):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"res{ext}", "res.zarr"])
 
 
+def test_overwrite_replaces_an_earlier_probs_store_but_never_the_input_dataset(adata, state, tmp_path):
+    data = pytest.importorskip("ginseng.data")
+    out = tmp_path / "res.csv"
+    annotate(state, adata, output=out, return_probs=True, silent=True)
+    annotate(state, adata, output=out, return_probs=True, overwrite=True, silent=True)  # ours: replaced
+    # The side store's name comes from the output's stem; here it is the input dataset itself.
+    ds = data.GinsengDataset.create(tmp_path / "cells.zarr", adata, labels="cell_type", silent=True)
+    with pytest.raises(FileExistsError, match="cells.zarr' is a directory ginseng did not write; refusing"):
+        annotate(state, ds, output=tmp_path / "cells.csv", return_probs=True, overwrite=True, silent=True)
+    assert not (tmp_path / "cells.csv").exists()
+    assert data.GinsengDataset(tmp_path / "cells.zarr").n_cells == N_CELLS
+
+
 def test_output_refusals_leave_nothing(adata, state, tmp_path):
     out = tmp_path / "res.csv"
     out.write_text("precious")

@@ -38,16 +38,64 @@ def test_missing_directory_is_named(tmp_path):
             pass
 
 
+def _ours(path):
+    return (path / "MARK").is_file()
+
+
 def test_directories_replace_atomically(tmp_path):
     target = tmp_path / "store.zarr"
-    with atomic_path(target) as tmp:
+    with atomic_path(target, kind="dir", replaceable=_ours) as tmp:
         tmp.mkdir()
-        (tmp / "a").write_text("1")
-    with atomic_path(target, overwrite=True) as tmp:
+        (tmp / "MARK").write_text("1")
+    with atomic_path(target, overwrite=True, kind="dir", replaceable=_ours) as tmp:
         tmp.mkdir()
         (tmp / "b").write_text("2")
     assert sorted(p.name for p in target.iterdir()) == ["b"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store.zarr"]
+
+
+def test_overwrite_never_replaces_a_directory_with_a_file(tmp_path):
+    # overwrite=True asks to replace an earlier output, not to delete a user's folder that
+    # happens to sit at the output path (this used to rmtree it).
+    target = tmp_path / "table.csv"
+    target.mkdir()
+    (target / "precious.txt").write_text("data")
+    with pytest.raises(FileExistsError, match="is an existing directory; refusing"):
+        with atomic_path(target, overwrite=True) as tmp:
+            tmp.write_text("x")
+    assert (target / "precious.txt").read_text() == "data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["table.csv"]
+
+
+@pytest.mark.parametrize("existing", ["foreign_dir", "file"])
+def test_overwrite_replaces_only_our_own_directories(tmp_path, existing):
+    target = tmp_path / "out.zarr"
+    if existing == "file":
+        target.write_text("user file")
+    else:
+        target.mkdir()
+        (target / "precious.txt").write_text("data")
+    found = "an existing file" if existing == "file" else "a directory ginseng did not write"
+    with pytest.raises(FileExistsError, match=f"is {found}; refusing"):
+        with atomic_path(target, overwrite=True, kind="dir", replaceable=_ours) as tmp:
+            tmp.mkdir()
+    if existing == "file":
+        assert target.read_text() == "user file"
+    else:
+        assert (target / "precious.txt").read_text() == "data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.zarr"]
+
+
+def test_target_that_changes_kind_while_writing_is_not_replaced(tmp_path):
+    target = tmp_path / "model.h5"
+    target.write_text("old")
+    with pytest.raises(FileExistsError, match="is an existing directory"):
+        with atomic_path(target, overwrite=True) as tmp:
+            tmp.write_text("new")
+            target.unlink()
+            target.mkdir()
+            (target / "x").write_text("user")
+    assert (target / "x").read_text() == "user"
 
 
 def test_package_exposes_every_seed_module_lazily():
