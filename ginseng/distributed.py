@@ -9,12 +9,16 @@ on all of them without further changes.
 On CPU, processes exchange data through gloo collectives; this is how multi-process training is
 tested on one machine. If a peer process dies, JAX's coordination service notices its missing
 heartbeats and terminates the survivors with a message; ``mode="local"`` uses short heartbeat
-timeouts so that this happens within seconds rather than minutes.
+timeouts so that this happens within seconds rather than minutes. A process that fails with a
+Python exception (rather than being killed) prints its traceback and exits at once (see
+:func:`initialize`, ``exit_on_error``), so that its peers, waiting for it in a collective, are
+stopped the same way instead of waiting for JAX's shutdown barrier (5 minutes).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 
 import jax
@@ -43,6 +47,9 @@ ENV_COORDINATOR = "GINSENG_COORDINATOR"
 # Short enough that a dead peer is noticed well within a minute on one machine; JAX's default (100 s)
 # suits clusters, where a slow node should not kill a job.
 LOCAL_HEARTBEAT_TIMEOUT_S = 10
+# How long a process that is shutting down waits for the others in JAX's shutdown barrier (JAX's
+# default, 300 s, would keep a failed process, and so its peers, alive for 5 minutes).
+LOCAL_SHUTDOWN_TIMEOUT_S = 30
 
 _initialized = False
 
@@ -76,6 +83,8 @@ def initialize(
     local_device_ids: int | Sequence[int] | None = None,
     initialization_timeout: int = 300,
     heartbeat_timeout_seconds: int | None = None,
+    shutdown_timeout_seconds: int | None = None,
+    exit_on_error: bool = True,
 ) -> bool:
     """Connect this process to the other processes of a multi-process run.
 
@@ -102,6 +111,15 @@ def initialize(
     heartbeat_timeout_seconds : int, optional
         Seconds without a heartbeat after which a process is considered dead and the others are
         terminated. Default: 10 for ``"local"``, JAX's default (100) otherwise.
+    shutdown_timeout_seconds : int, optional
+        Seconds a process waits for the others at shutdown. Default: 30 for ``"local"``, JAX's
+        default (300) otherwise.
+    exit_on_error : bool
+        Install a ``sys.excepthook`` that, for an exception nobody caught, prints the traceback
+        and ends the process at once with exit status 1 (``os._exit``). Without it the failed
+        process keeps its heartbeats going while JAX's atexit shutdown waits for peers that are
+        themselves waiting for it in a collective: the whole run would hang for the shutdown
+        timeout. (``mpi4py -m`` does the same with ``MPI_Abort``.)
 
     Returns
     -------
@@ -140,12 +158,15 @@ def initialize(
             raise ValueError(msg)
         if heartbeat_timeout_seconds is None:
             heartbeat_timeout_seconds = LOCAL_HEARTBEAT_TIMEOUT_S
+        if shutdown_timeout_seconds is None:
+            shutdown_timeout_seconds = LOCAL_SHUTDOWN_TIMEOUT_S
     for name, value in (
         ("coordinator_address", coordinator_address),
         ("num_processes", num_processes),
         ("process_id", process_id),
         ("local_device_ids", local_device_ids),
         ("heartbeat_timeout_seconds", heartbeat_timeout_seconds),
+        ("shutdown_timeout_seconds", shutdown_timeout_seconds),
     ):
         if value is not None:
             kwargs[name] = value
@@ -153,7 +174,33 @@ def initialize(
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**kwargs)
     _initialized = True
+    if exit_on_error:
+        _install_exit_on_error()
     return True
+
+
+def _install_exit_on_error() -> None:
+    previous = sys.excepthook
+    if getattr(previous, "_ginseng_exit_on_error", False):
+        return
+
+    def hook(kind, value, tb):
+        try:
+            previous(kind, value, tb)  # the usual traceback
+            if _initialized and not issubclass(kind, KeyboardInterrupt):
+                n, i = jax.process_count(), jax.process_index()
+                print(
+                    f"ginseng: process {i} of {n} failed ({kind.__name__}); exiting now so that "
+                    "the other processes stop too",
+                    file=sys.stderr,
+                )
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130 if issubclass(kind, KeyboardInterrupt) else 1)
+
+    hook._ginseng_exit_on_error = True
+    sys.excepthook = hook
 
 
 def is_initialized() -> bool:

@@ -2,7 +2,7 @@
 
 Usage: python _mp_worker.py --store STORE --out OUT [--process-id P --num-processes N --port PORT]
        [--epochs E --batch-size B --hidden H] [--checkpoint-dir DIR --checkpoint-every K --resume]
-       [--progress] [--step-delay S] [--slow-save S]
+       [--progress] [--step-delay S] [--slow-save S] [--raise-in P]
 
 The caller sets XLA_FLAGS (devices per process) and JAX_PLATFORMS=cpu. With --num-processes 1 the
 process trains alone on its local devices (no jax.distributed). Process 0 writes the trained params
@@ -13,7 +13,8 @@ Fault-injection hooks (test only, nothing in ginseng itself): --progress makes e
 "step EPOCH BATCH" before each training step, --step-delay sleeps that long per step so that a
 kill lands at a chosen step, and --slow-save makes every checkpoint save print "saving N" and,
 from the second save on, sleep half-way through writing the file (after the params, before the
-optimizer state), so that a kill lands mid-write while a complete checkpoint exists.
+optimizer state), so that a kill lands mid-write while a complete checkpoint exists. --raise-in P
+makes process P raise an exception after training while the others go on to a barrier.
 """
 
 import argparse
@@ -46,6 +47,7 @@ def _args(argv):
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--step-delay", type=float, default=0.0)
     ap.add_argument("--slow-save", type=float, default=0.0)
+    ap.add_argument("--raise-in", type=int, default=None)
     return ap.parse_args(argv)
 
 
@@ -113,6 +115,9 @@ def main(argv) -> int:
     log, state = GinsengTrainer(
         store, settings_for(args), epochs=args.epochs, silent=True, resume=args.resume
     )
+    if args.raise_in == pid:  # e.g. a process-0-only write failing (disk full) after training
+        msg = f"injected failure in process {pid} after training"
+        raise OSError(msg)
     if distributed.is_main_process():
         flat = {
             f"{layer}/{name}": value

@@ -15,8 +15,9 @@ from ginseng import distributed
 from ginseng.train import GinsengTrainer, GinsengTrainerSettings
 
 
-def _start(store, out, epochs, nproc=2, devices_per_process=2):
-    return spawn(store, out, epochs=epochs, nproc=nproc, devices_per_process=devices_per_process)
+def _start(store, out, epochs, nproc=2, devices_per_process=2, extra=()):
+    return spawn(store, out, epochs=epochs, nproc=nproc, devices_per_process=devices_per_process,
+                 extra=extra)
 
 
 @pytest.fixture
@@ -85,6 +86,24 @@ def test_killed_peer_makes_survivor_exit_with_a_message(store, tmp_path, victim)
     assert waited < 60, f"survivor took {waited:.0f} s to exit"
     # JAX's coordination service terminates the survivor and says why.
     assert "another task died" in text or "detected fatal errors" in text, text[-3000:]
+
+
+@pytest.mark.parametrize("failing", [0, 1])
+def test_exception_in_one_process_ends_every_process(store, tmp_path, failing):
+    # A Python exception (not a kill) on one process: JAX's atexit shutdown used to wait 300 s
+    # in its shutdown barrier, heart-beating, so the others sat in their barrier that long.
+    out = tmp_path / "raised.npz"
+    procs = _start(store, out, epochs=1, extra=("--raise-in", str(failing)))
+    t0 = time.monotonic()
+    try:
+        texts = [p.communicate(timeout=120)[0] for p in procs]
+        waited = time.monotonic() - t0
+    finally:
+        kill_all(procs, timeout=10)
+    assert all(p.returncode != 0 for p in procs), [p.returncode for p in procs]
+    assert "injected failure in process" in texts[failing], texts[failing][-3000:]
+    assert f"ginseng: process {failing} of 2 failed" in texts[failing], texts[failing][-3000:]
+    assert waited < 90, f"the processes took {waited:.0f} s to exit (start-up and training included)"
 
 
 def test_initialize_none_is_single_process():
