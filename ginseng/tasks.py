@@ -110,6 +110,12 @@ def _is_main() -> bool:
     return distributed.is_main_process()
 
 
+def _process_count() -> int:
+    from ginseng import distributed
+
+    return distributed.process_count()
+
+
 def _barrier(name: str) -> None:
     from ginseng import distributed
 
@@ -250,7 +256,14 @@ def run_prepare(conf: GinsengConfig, workdir: str | os.PathLike, reuse: bool = F
     train_idx, test_idx = stratified_split(labels, conf.data.test_fraction, conf.data.seed)
     record = _prepare_record(conf, path)
 
-    if reuse and store.exists() and not conf.overwrite:
+    reuse_store = reuse and store.exists() and not conf.overwrite
+    if _process_count() > 1:
+        # Process 0 decides for everyone: a process arriving late would otherwise see the store
+        # process 0 has just built, take the reuse branch and skip the barrier below.
+        from ginseng import distributed
+
+        reuse_store = bool(distributed.process_allgather(np.int32(reuse_store))[0])
+    if reuse_store:
         dataset = GinsengDataset(store)  # refuses (naming the path) anything that is not a dataset
         if record_path.exists():
             old = yaml.safe_load(record_path.read_text())

@@ -1,6 +1,7 @@
 """Multi-process training on one machine: 2 processes x 2 CPU devices over jax.distributed (gloo),
 compared with the 1-device run; and a killed peer makes the survivor exit, never hang."""
 
+import os
 import signal
 import time
 from pathlib import Path
@@ -104,6 +105,35 @@ def test_exception_in_one_process_ends_every_process(store, tmp_path, failing):
     assert "injected failure in process" in texts[failing], texts[failing][-3000:]
     assert f"ginseng: process {failing} of 2 failed" in texts[failing], texts[failing][-3000:]
     assert waited < 90, f"the processes took {waited:.0f} s to exit (start-up and training included)"
+
+
+def test_late_process_follows_process_0s_decision_to_build_the_store(tmp_path):
+    # Process 1 starts tasks.run only after process 0 has built the store: it used to see the
+    # store, take the "reuse" branch alone and skip process 0's barrier (both then failed with a
+    # barrier-name mismatch).
+    import subprocess
+    import sys
+
+    from _workers import free_port
+    from conftest import make_counts
+
+    make_counts(n_cells=80, n_genes=20, n_labels=3, seed=0).write_h5ad(tmp_path / "in.h5ad")
+    worker = Path(__file__).resolve().parent / "_mp_tasks_worker.py"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    port = str(free_port())
+    procs = [
+        subprocess.Popen([sys.executable, str(worker), str(p), port, str(tmp_path), "--late"], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for p in range(2)
+    ]
+    try:
+        texts = [p.communicate(timeout=180)[0] for p in procs]
+    finally:
+        kill_all(procs, timeout=10)
+    for i, (p, text) in enumerate(zip(procs, texts, strict=True)):
+        assert p.returncode == 0, text[-3000:]
+        assert f"[{i}] finished, model model.h5" in text
+    assert (tmp_path / "run" / "model.h5").is_file()
 
 
 def test_initialize_none_is_single_process():
