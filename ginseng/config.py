@@ -388,7 +388,8 @@ class GinsengConfig:
     """Suppress progress bars and per-epoch reports."""
 
     overwrite: bool = False
-    """Replace outputs that already exist in the run directory (model.h5, metrics, dataset)."""
+    """Replace outputs that already exist in the run directory (model.h5, metrics, dataset, and
+    the previous run's checkpoint: training starts over instead of resuming)."""
 
     data: DataConfig = field(default_factory=DataConfig)
     """Input data and the dataset store."""

@@ -291,7 +291,11 @@ def run_prepare(conf: GinsengConfig, workdir: str | os.PathLike, reuse: bool = F
         return PreparedData(dataset, adata, train_idx, test_idx)
 
     if _is_main():
-        check_writable_target(store, overwrite=conf.overwrite, what="dataset store")
+        from ginseng.data import _read_ginseng_attrs
+
+        check_writable_target(
+            store, conf.overwrite, "dataset store", "dir", lambda p: _read_ginseng_attrs(p) is not None
+        )
         for name in ("test_cells.csv", "prepare.yaml"):
             check_writable_target(workdir / name, overwrite=conf.overwrite or reuse, what=name)
         _say(
@@ -450,13 +454,23 @@ def run_train(conf: GinsengConfig, workdir: str | os.PathLike) -> TrainResult:
 
     prepared = run_prepare(conf, workdir, reuse=True)
     settings = to_trainer_settings(conf, workdir)
+    if conf.overwrite and settings.checkpoint_dir is not None:
+        # overwrite=true asks for a new run over the old one's outputs: its checkpoint (written
+        # for the dataset that was just rebuilt) is replaced too, not resumed.
+        from ginseng.train import CHECKPOINT_NAME
+
+        old = Path(settings.checkpoint_dir) / CHECKPOINT_NAME
+        if _is_main() and old.is_file():
+            old.unlink()
+            _say(conf, f"overwrite=true: removed the previous run's checkpoint {old}")
+        _barrier("ginseng-overwrite-checkpoint")
     logger, state = _call_supported(
         GinsengTrainer,
         prepared.dataset,
         settings,
         epochs=conf.trainer.epochs,
         silent=conf.silent,
-        resume=conf.trainer.resume and conf.trainer.checkpoint,
+        resume=conf.trainer.resume and conf.trainer.checkpoint and not conf.overwrite,
     )
 
     macro_f1, report = None, None

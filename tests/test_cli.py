@@ -103,6 +103,23 @@ def test_train_refuses_existing_outputs_before_training(trained, tiny_h5ad):
     assert (workdir / "model.h5").stat().st_mtime_ns == before
 
 
+def test_overwrite_retrains_in_a_finished_run_directory(trained, tiny_h5ad, tmp_path):
+    # It used to rebuild the dataset, then find the old checkpoint (written for the old store)
+    # and refuse to go on, leaving the directory half old, half new.
+    import shutil
+
+    workdir = tmp_path / "run"
+    shutil.copytree(trained[0], workdir)
+    assert (workdir / "checkpoints" / "checkpoint.h5").is_file()
+    old_model = (workdir / "model.h5").read_bytes()
+    base = [f"data.path={tiny_h5ad}", "genes.n_top_genes=30", "genes.min_mean=0.0", *TINY]
+    result = tasks.run(_raw_compose(["task=train", "overwrite=true", "trainer.seed=7", *base]), workdir)
+    assert result.macro_f1 is not None
+    assert (workdir / "model.h5").read_bytes() != old_model
+    assert len(pd.read_csv(workdir / "metrics.csv")) == len(result.logger.epoch)
+    assert (workdir / "checkpoints" / "checkpoint.h5").is_file()  # the new run's
+
+
 def test_prepare_refuses_store_built_with_other_settings(trained, tiny_h5ad):
     workdir, _, _ = trained
     cfg = compose(["task=train", f"data.path={tiny_h5ad}", "genes.n_top_genes=20", *TINY])
