@@ -106,7 +106,13 @@ class DataConfig:
     """Read counts from ``adata.layers[layer]`` instead of ``X`` (raw counts often live there)."""
 
     backed: bool = False
-    """Open an .h5ad in backed (on-disk) mode: bounded memory for inputs larger than RAM."""
+    """Open an .h5ad in backed (on-disk) mode. The input is read lazily, but the counts of the
+    training cells are still loaded into memory once, to select genes and build the store."""
+
+    min_cells: int = 10
+    """Labels with fewer cells than this in the input are left out (listed in a warning): they
+    are too small to split into test, training and holdout cells. 0 keeps every label (then the
+    smallest label must still leave one holdout cell; the error says how)."""
 
     test_fraction: float = 0.2
     """Fraction of the cells of every label set aside (stratified) before the dataset is built,
@@ -124,6 +130,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check_fraction("data.test_fraction", self.test_fraction, low_open=False)
         _check_min("data.chunk_size", self.chunk_size, 1)
+        _check_min("data.min_cells", self.min_cells, 0)
         if not self.labels:
             _fail("data.labels must name an obs column, got an empty string")
         if not self.store:

@@ -156,6 +156,19 @@ def _read_input(conf: GinsengConfig):
                 f"obs has: {', '.join(map(str, adata.obs.columns)) or '(no columns)'}"
             )
             raise KeyError(msg)
+    # Checked here, before gene selection adds columns of its own and before any work is done.
+    if conf.data.gene_key is not None and conf.data.gene_key not in adata.var.columns:
+        msg = (
+            f"data.gene_key={conf.data.gene_key!r} is not a column of var in {str(path)!r}; "
+            f"var has: {', '.join(map(str, adata.var.columns)) or '(no columns)'}"
+        )
+        raise KeyError(msg)
+    if conf.data.layer is not None and conf.data.layer not in adata.layers:
+        msg = (
+            f"data.layer={conf.data.layer!r} is not a layer of {str(path)!r}; "
+            f"layers: {', '.join(map(str, adata.layers.keys())) or '(none: the counts are in X)'}"
+        )
+        raise KeyError(msg)
     return path, adata
 
 
@@ -194,6 +207,60 @@ def stratified_split(labels, fraction: float, seed: int = 0) -> tuple[np.ndarray
     mask = np.ones(len(labels), bool)
     mask[test_idx] = False
     return np.flatnonzero(mask).astype(np.int64), test_idx
+
+
+def _label_counts(labels) -> pd.Series:
+    return pd.Series(pd.Series(labels).astype(str)).value_counts(sort=False)
+
+
+def _cells_of_large_labels(conf: GinsengConfig, labels) -> np.ndarray:
+    """Rows whose label has at least ``data.min_cells`` cells; the others are named in a warning."""
+    import warnings
+
+    counts = _label_counts(labels)
+    small = counts[counts < conf.data.min_cells].sort_values()
+    as_str = np.asarray(pd.Series(labels).astype(str))
+    keep = ~np.isin(as_str, small.index.to_numpy())
+    if len(small):
+        listed = ", ".join(f"{k!r} ({v})" for k, v in small.items())
+        msg = (
+            f"leaving out {len(small)} of {len(counts)} labels with fewer than "
+            f"data.min_cells={conf.data.min_cells} cells ({int((~keep).sum())} cells): {listed}; "
+            "set data.min_cells=0 to keep them"
+        )
+        if _is_main():
+            warnings.warn(msg, UserWarning, stacklevel=3)
+    if keep.sum() == 0 or len(counts) - len(small) < 2:
+        msg = (
+            f"data.min_cells={conf.data.min_cells} leaves {len(counts) - len(small)} label(s) "
+            f"of {len(counts)} in data.labels={conf.data.labels!r}; at least 2 are needed "
+            f"(label counts: {dict(counts.sort_values(ascending=False).head(20))})"
+        )
+        raise ValueError(msg)
+    return np.flatnonzero(keep).astype(np.int64)
+
+
+def _check_holdout_possible(conf: GinsengConfig, train_labels) -> None:
+    """Refuse, before anything is built, a per-label holdout that would hold out no cell.
+
+    The trainer holds out floor(smallest training label x trainer.holdout_fraction) cells of
+    every label (GinsengDataset.make_holdout); this is the same rule, in the CLI's own keys.
+    """
+    if conf.trainer.group_level:
+        return
+    counts = _label_counts(train_labels)
+    smallest, n = counts.idxmin(), int(counts.min())
+    f = conf.trainer.holdout_fraction
+    if int(n * f) == 0:
+        need = int(np.ceil(1 / f)) if f > 0 else None
+        msg = (
+            f"trainer.holdout_fraction={f} holds out no cell of each label: the smallest label "
+            f"{smallest!r} has {n} training cells (after data.test_fraction="
+            f"{conf.data.test_fraction} of them are set aside), and floor({n} x {f}) = 0. Raise "
+            f"data.min_cells (labels need about {need} training cells at this fraction) or "
+            f"trainer.holdout_fraction (to >= {1 / n:.3g})"
+        )
+        raise ValueError(msg)
 
 
 def _subset(adata, rows: np.ndarray, layer: str | None = None):
@@ -253,7 +320,10 @@ def run_prepare(conf: GinsengConfig, workdir: str | os.PathLike, reuse: bool = F
     record_path = workdir / "prepare.yaml"
     path, adata = _read_input(conf)
     labels = adata.obs[conf.data.labels].to_numpy()
-    train_idx, test_idx = stratified_split(labels, conf.data.test_fraction, conf.data.seed)
+    kept = _cells_of_large_labels(conf, labels)
+    tr, te = stratified_split(labels[kept], conf.data.test_fraction, conf.data.seed)
+    train_idx, test_idx = kept[tr], kept[te]
+    _check_holdout_possible(conf, labels[train_idx])
     record = _prepare_record(conf, path)
 
     reuse_store = reuse and store.exists() and not conf.overwrite

@@ -76,16 +76,22 @@ def _gene_moments(X, n_cells: int, n_genes: int, chunk_size: int):
             s_counts += np.asarray(normed.sum(axis=0)).ravel()
             ss_counts += np.asarray(normed.multiply(normed).sum(axis=0)).ravel()
             expd = block.copy()
-            expd.data = np.expm1(expd.data)  # expm1(0) == 0, so sparsity is kept
+            # expm1(0) == 0, so sparsity is kept. On raw counts (> ~709) expm1 overflows to inf:
+            # harmless, those moments are used only for log1p data, so say nothing about it.
+            with np.errstate(over="ignore"):
+                expd.data = np.expm1(expd.data)
             s_log += np.asarray(expd.sum(axis=0)).ravel()
-            ss_log += np.asarray(expd.multiply(expd).sum(axis=0)).ravel()
+            with np.errstate(over="ignore", invalid="ignore"):
+                ss_log += np.asarray(expd.multiply(expd).sum(axis=0)).ravel()
         else:
             normed = block * scale[:, None]
             s_counts += normed.sum(axis=0)
             ss_counts += np.einsum("ij,ij->j", normed, normed)
-            expd = np.expm1(block)
+            with np.errstate(over="ignore"):
+                expd = np.expm1(block)
             s_log += expd.sum(axis=0)
-            ss_log += np.einsum("ij,ij->j", expd, expd)
+            with np.errstate(over="ignore", invalid="ignore"):
+                ss_log += np.einsum("ij,ij->j", expd, expd)
     return (s_counts, ss_counts), (s_log, ss_log), integer
 
 

@@ -930,3 +930,58 @@ def test_cli_missing_label_column(tmp_path, adata):
         match=r"data.labels='celltype' is not a column of obs in '.*cells.h5ad'; obs has: cell_type, donor",
     ):
         tasks.run(conf, tmp_path / "run")
+
+
+def _with_rare_label(adata, n_rare):
+    adata = adata.copy()
+    labels = adata.obs["cell_type"].astype(str).to_numpy().copy()
+    labels[:n_rare] = "rare"
+    adata.obs["cell_type"] = labels
+    return adata
+
+
+def test_cli_leaves_out_labels_below_min_cells_and_says_which(tmp_path, adata):
+    # baron_mouse1 has a 2-cell label: the default run used to crash after building the store.
+    from ginseng import tasks
+
+    _with_rare_label(adata, 3).write_h5ad(tmp_path / "cells.h5ad")
+    conf = to_object(compose([
+        "task=prepare", f"data.path={tmp_path / 'cells.h5ad'}", "genes.select=all", "silent=true",
+    ]))
+    with pytest.warns(UserWarning, match=r"leaving out 1 of 4 labels with fewer than data.min_cells=10 cells \(3 cells\): 'rare' \(3\); set data.min_cells=0"):
+        prepared = tasks.run(conf, tmp_path / "run")
+    assert "rare" not in set(prepared.dataset.label_values)
+    assert prepared.dataset.n_cells + len(prepared.test_indices) == N_CELLS - 3
+    assert not np.isin(np.arange(3), np.concatenate([prepared.train_indices, prepared.test_indices])).any()
+
+
+def test_cli_refuses_a_holdout_of_no_cells_before_building_anything(tmp_path, adata):
+    from ginseng import tasks
+
+    _with_rare_label(adata, 3).write_h5ad(tmp_path / "cells.h5ad")
+    conf = to_object(compose([
+        "task=train", f"data.path={tmp_path / 'cells.h5ad'}", "data.min_cells=0", "silent=true",
+    ]))
+    with pytest.raises(
+        ValueError,
+        match=r"trainer.holdout_fraction=0.2 holds out no cell of each label: the smallest label 'rare' has 2 training cells .*Raise data.min_cells .* or trainer.holdout_fraction \(to >= 0.5\)",
+    ):
+        tasks.run(conf, tmp_path / "run")
+    assert names(tmp_path / "run") == []
+
+
+@pytest.mark.parametrize(
+    ("override", "pattern"),
+    [
+        ("data.gene_key=gene_symbol", r"data.gene_key='gene_symbol' is not a column of var in '.*cells.h5ad'; var has: symbol, keep"),
+        ("data.layer=counts", r"data.layer='counts' is not a layer of '.*cells.h5ad'; layers: \(none: the counts are in X\)"),
+    ],
+)
+def test_cli_missing_gene_key_or_layer_named_before_any_work(tmp_path, adata, override, pattern):
+    from ginseng import tasks
+
+    adata.write_h5ad(tmp_path / "cells.h5ad")
+    conf = to_object(compose(["task=prepare", f"data.path={tmp_path / 'cells.h5ad'}", override, "silent=true"]))
+    with pytest.raises(KeyError, match=pattern):
+        tasks.run(conf, tmp_path / "run")
+    assert names(tmp_path / "run") == []
