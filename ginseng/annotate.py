@@ -633,6 +633,15 @@ def _open_input(adata, backed: bool, light: bool = False):
     raise TypeError(msg)
 
 
+def _close_opened(source, kind: str) -> None:
+    """Close a file that annotate opened itself (never an AnnData or dataset the caller passed)."""
+    with contextlib.suppress(Exception):
+        if kind == "h5ad":
+            source.close()
+        elif kind == "path" and getattr(source, "isbacked", False):
+            source.file.close()
+
+
 def _output_format(output: Path) -> str:
     fmt = _TABLE_FORMATS.get(output.suffix.lower())
     if fmt is None:
@@ -798,223 +807,227 @@ def annotate(
 
     state = _load_model(model_state)
     source, kind = _open_input(adata, backed, light=truth_key is None and not copy)
-    model_genes = np.asarray(state.genes).astype(str)
-    label_values = np.asarray(state.label_values)
-    label_str = [str(v) for v in label_values]
+    try:
+        model_genes = np.asarray(state.genes).astype(str)
+        label_values = np.asarray(state.label_values)
+        label_str = [str(v) for v in label_values]
 
-    if kind == "dataset":
-        input_genes = np.asarray(source.genes).astype(str)
-        if gene_key is not None:
-            msg = f"gene_key={gene_key!r} does not apply to a GinsengDataset (its genes are fixed)"
-            raise ValueError(msg)
-        gmap = _map_genes(input_genes, model_genes, var_columns=())
-        n_cells = int(source.n_cells)
-        barcodes_of = lambda a, b: np.arange(a, b).astype(str)
-    else:
-        input_genes = _input_gene_names(source.var, source.var_names, gene_key)
-        gmap = _map_genes(input_genes, model_genes, gene_key=gene_key, var_columns=source.var.columns)
-        n_cells = int(source.n_obs)
-        if kind == "h5ad":
-            barcodes_of = source.barcodes
-        else:
-            obs_names = source.obs_names
-            barcodes_of = lambda a, b: np.asarray(obs_names[a:b]).astype(str)
-
-    truth_of = None
-    truth_labels: list[str] = []
-    if truth_key is not None:
         if kind == "dataset":
-            if truth_key != "labels":
-                msg = f"for a GinsengDataset truth_key must be 'labels' (its label column), got {truth_key!r}"
+            input_genes = np.asarray(source.genes).astype(str)
+            if gene_key is not None:
+                msg = f"gene_key={gene_key!r} does not apply to a GinsengDataset (its genes are fixed)"
                 raise ValueError(msg)
-            t_codes = np.asarray(source.labels)
-            truth_labels = [str(v) for v in source.label_values]
+            gmap = _map_genes(input_genes, model_genes, var_columns=())
+            n_cells = int(source.n_cells)
+            barcodes_of = lambda a, b: np.arange(a, b).astype(str)
         else:
-            if truth_key not in source.obs.columns:
-                msg = (
-                    f"truth_key {truth_key!r} is not a column of adata.obs; "
-                    f"available columns: {list(map(str, source.obs.columns))}"
-                )
-                raise ValueError(msg)
-            cat = pd.Categorical(np.asarray(source.obs[truth_key]).astype(str))
-            t_codes = cat.codes.astype(np.int64)
-            truth_labels = [str(c) for c in cat.categories]
-        truth_of = lambda a, b: t_codes[a:b]
+            input_genes = _input_gene_names(source.var, source.var_names, gene_key)
+            gmap = _map_genes(input_genes, model_genes, gene_key=gene_key, var_columns=source.var.columns)
+            n_cells = int(source.n_obs)
+            if kind == "h5ad":
+                barcodes_of = source.barcodes
+            else:
+                obs_names = source.obs_names
+                barcodes_of = lambda a, b: np.asarray(obs_names[a:b]).astype(str)
 
-    # ---- devices, batch shape, forward ----
-    devs = list(jax.devices() if devices is None else devices)
-    n_dev = len(devs)
-    n_proc = jax.process_count()
-    proc = jax.process_index()
-    multi = n_proc > 1
-    global_batch = -(-batch_size // n_dev) * n_dev
-    if global_batch % n_proc:
-        msg = f"the {n_dev} devices do not split evenly over {n_proc} processes"
-        raise ValueError(msg)
-    local_rows = global_batch // n_proc
-    mesh = Mesh(np.asarray(devs), ("data",))
-    norm = state.normalize if normalize is None else bool(normalize)
-    tsum = state.target_sum if target_sum is None else float(target_sum)
-    want_probs_out = bool(return_probs)
-    fwd, data_sh, repl_sh = _build_forward(
-        mesh, dropout_rate=float(state.dropout_rate), normalize=norm, target_sum=tsum,
-        randomness=bool(randomness), n_samples=n_samples, want_probs=want_probs_out,
-        want_attn=bool(return_attn),
-    )
-    seed_arr = _replicate(np.uint32(int(seed) % 2**32), repl_sh)
-    params = _replicate(state.params, repl_sh)
-    reader = _BlockReader(source, gmap)
-    n_batches = -(-n_cells // global_batch)
-    is_writer = proc == 0
+        truth_of = None
+        truth_labels: list[str] = []
+        if truth_key is not None:
+            if kind == "dataset":
+                if truth_key != "labels":
+                    msg = f"for a GinsengDataset truth_key must be 'labels' (its label column), got {truth_key!r}"
+                    raise ValueError(msg)
+                t_codes = np.asarray(source.labels)
+                truth_labels = [str(v) for v in source.label_values]
+            else:
+                if truth_key not in source.obs.columns:
+                    msg = (
+                        f"truth_key {truth_key!r} is not a column of adata.obs; "
+                        f"available columns: {list(map(str, source.obs.columns))}"
+                    )
+                    raise ValueError(msg)
+                cat = pd.Categorical(np.asarray(source.obs[truth_key]).astype(str))
+                t_codes = cat.codes.astype(np.int64)
+                truth_labels = [str(c) for c in cat.categories]
+            truth_of = lambda a, b: t_codes[a:b]
 
-    # ---- where results go ----
-    in_memory = out_path is None
-    force_table = kind in ("path", "h5ad", "dataset")
-    want_table = bool(return_table) or force_table
-    res: dict[str, np.ndarray] = {}
-    if in_memory:
-        res["pred"] = np.empty(n_cells, np.int32)
-        res["conf"] = np.empty(n_cells, np.float32)
-        if n_samples > 1:
-            res["entropy"] = np.empty(n_cells, np.float32)
-        if return_probs:
-            res["probs"] = np.empty((n_cells, len(label_values)), np.float32)
-        if return_attn:
-            res["attn"] = np.empty((n_cells, len(model_genes)), np.float32)
-    confusion = np.zeros((len(truth_labels), len(label_values)), np.int64) if truth_of else None
-
-    # A fixed ring of input buffers instead of a new 8 MB array per batch: memory stays flat
-    # (no heap fragmentation across threads). A slot is rewritten only after its batch has been
-    # consumed: at most depth (queue) + 1 (being read) + 2 (dispatched, pending) batches are live.
-    depth = 2
-    ring = [np.zeros((local_rows, gmap.n_model), np.float32) for _ in range(depth + 4)]
-
-    def produce(i: int):
-        # Rows of this process in global batch i: [g0 + proc*local_rows, ... + local_rows).
-        g0 = i * global_batch
-        a = min(g0 + proc * local_rows, n_cells)
-        b = min(a + local_rows, n_cells)
-        x = ring[i % len(ring)]
-        reader.read(a, b, out=x)
-        x[b - a :] = 0.0  # padding rows
-        index = np.arange(g0 + proc * local_rows, g0 + (proc + 1) * local_rows, dtype=np.int32)
-        return i, x, index
-
-    def to_global(arr: np.ndarray):
-        if multi:
-            return jax.make_array_from_process_local_data(data_sh, arr, (global_batch,) + arr.shape[1:])
-        return jax.device_put(arr, data_sh)
-
-    def fetch(out):
-        if multi:
-            from jax.experimental import multihost_utils
-
-            return {k: np.asarray(v) for k, v in multihost_utils.process_allgather(out, tiled=True).items()}
-        return jax.device_get(out)
-
-    with contextlib.ExitStack() as stack:
-        table_writer = None
-        zarr_arrays: dict = {}
-        if out_path is not None and is_writer:
-            tmp_table = stack.enter_context(atomic_path(out_path, overwrite=overwrite, what="output"))
-            table_writer = _TableWriter(tmp_table, fmt, with_entropy=n_samples > 1)
-            stack.callback(table_writer.close)  # runs before the rename (LIFO)
-            if zarr_path is not None:
-                tmp_zarr = stack.enter_context(atomic_path(
-                        zarr_path, overwrite=overwrite, what="output store", kind="dir",
-                        replaceable=_is_annotation_store,
-                    ))
-                zarr_arrays = _open_zarr_arrays(tmp_zarr, n_cells, global_batch, label_str, model_genes,
-                                                bool(return_probs), bool(return_attn))
-
-        bar = tqdm(total=n_cells, unit="cells", desc="annotate", disable=silent or not is_writer)
-        stack.callback(bar.close)
-
-        def consume(i: int, out_dev) -> None:
-            out = fetch(out_dev)
-            a = i * global_batch
-            b = min(a + global_batch, n_cells)
-            n = b - a
-            out = {k: v[:n] for k, v in out.items()}  # drop the padding rows
-            if confusion is not None:
-                np.add.at(confusion, (truth_of(a, b), out["pred"]), 1)
-            if in_memory:
-                for k, v in out.items():
-                    res[k][a:b] = v
-            elif is_writer:
-                cols = {
-                    "barcode": barcodes_of(a, b),
-                    "cell_type": np.asarray(label_str, dtype=object)[out["pred"]],
-                    "confidence": out["conf"].astype(np.float32),
-                }
-                if n_samples > 1:
-                    cols["entropy"] = out["entropy"].astype(np.float32)
-                table_writer.append(pd.DataFrame(cols))
-                for k, arr in zarr_arrays.items():
-                    arr[a:b] = out[k]
-            bar.update(n)
-
-        prefetch = background(
-            lambda: map(produce, range(n_batches)), depth=depth, name="ginseng-annotate"
+        # ---- devices, batch shape, forward ----
+        devs = list(jax.devices() if devices is None else devices)
+        n_dev = len(devs)
+        n_proc = jax.process_count()
+        proc = jax.process_index()
+        multi = n_proc > 1
+        global_batch = -(-batch_size // n_dev) * n_dev
+        if global_batch % n_proc:
+            msg = f"the {n_dev} devices do not split evenly over {n_proc} processes"
+            raise ValueError(msg)
+        local_rows = global_batch // n_proc
+        mesh = Mesh(np.asarray(devs), ("data",))
+        norm = state.normalize if normalize is None else bool(normalize)
+        tsum = state.target_sum if target_sum is None else float(target_sum)
+        want_probs_out = bool(return_probs)
+        fwd, data_sh, repl_sh = _build_forward(
+            mesh, dropout_rate=float(state.dropout_rate), normalize=norm, target_sum=tsum,
+            randomness=bool(randomness), n_samples=n_samples, want_probs=want_probs_out,
+            want_attn=bool(return_attn),
         )
-        stack.callback(prefetch.close)
-        pending = None
-        for i, x, index in prefetch:
-            # Dispatch batch i before fetching batch i-1, so the devices never wait on the host.
-            out_dev = fwd(params, seed_arr, to_global(x), to_global(index))
+        seed_arr = _replicate(np.uint32(int(seed) % 2**32), repl_sh)
+        params = _replicate(state.params, repl_sh)
+        reader = _BlockReader(source, gmap)
+        n_batches = -(-n_cells // global_batch)
+        is_writer = proc == 0
+
+        # ---- where results go ----
+        in_memory = out_path is None
+        force_table = kind in ("path", "h5ad", "dataset")
+        want_table = bool(return_table) or force_table
+        res: dict[str, np.ndarray] = {}
+        if in_memory:
+            res["pred"] = np.empty(n_cells, np.int32)
+            res["conf"] = np.empty(n_cells, np.float32)
+            if n_samples > 1:
+                res["entropy"] = np.empty(n_cells, np.float32)
+            if return_probs:
+                res["probs"] = np.empty((n_cells, len(label_values)), np.float32)
+            if return_attn:
+                res["attn"] = np.empty((n_cells, len(model_genes)), np.float32)
+        confusion = np.zeros((len(truth_labels), len(label_values)), np.int64) if truth_of else None
+
+        # A fixed ring of input buffers instead of a new 8 MB array per batch: memory stays flat
+        # (no heap fragmentation across threads). A slot is rewritten only after its batch has been
+        # consumed: at most depth (queue) + 1 (being read) + 2 (dispatched, pending) batches are live.
+        depth = 2
+        ring = [np.zeros((local_rows, gmap.n_model), np.float32) for _ in range(depth + 4)]
+
+        def produce(i: int):
+            # Rows of this process in global batch i: [g0 + proc*local_rows, ... + local_rows).
+            g0 = i * global_batch
+            a = min(g0 + proc * local_rows, n_cells)
+            b = min(a + local_rows, n_cells)
+            x = ring[i % len(ring)]
+            reader.read(a, b, out=x)
+            x[b - a :] = 0.0  # padding rows
+            index = np.arange(g0 + proc * local_rows, g0 + (proc + 1) * local_rows, dtype=np.int32)
+            return i, x, index
+
+        def to_global(arr: np.ndarray):
+            if multi:
+                return jax.make_array_from_process_local_data(data_sh, arr, (global_batch,) + arr.shape[1:])
+            return jax.device_put(arr, data_sh)
+
+        def fetch(out):
+            if multi:
+                from jax.experimental import multihost_utils
+
+                return {k: np.asarray(v) for k, v in multihost_utils.process_allgather(out, tiled=True).items()}
+            return jax.device_get(out)
+
+        with contextlib.ExitStack() as stack:
+            table_writer = None
+            zarr_arrays: dict = {}
+            if out_path is not None and is_writer:
+                tmp_table = stack.enter_context(atomic_path(out_path, overwrite=overwrite, what="output"))
+                table_writer = _TableWriter(tmp_table, fmt, with_entropy=n_samples > 1)
+                stack.callback(table_writer.close)  # runs before the rename (LIFO)
+                if zarr_path is not None:
+                    tmp_zarr = stack.enter_context(atomic_path(
+                            zarr_path, overwrite=overwrite, what="output store", kind="dir",
+                            replaceable=_is_annotation_store,
+                        ))
+                    zarr_arrays = _open_zarr_arrays(tmp_zarr, n_cells, global_batch, label_str, model_genes,
+                                                    bool(return_probs), bool(return_attn))
+
+            bar = tqdm(total=n_cells, unit="cells", desc="annotate", disable=silent or not is_writer)
+            stack.callback(bar.close)
+
+            def consume(i: int, out_dev) -> None:
+                out = fetch(out_dev)
+                a = i * global_batch
+                b = min(a + global_batch, n_cells)
+                n = b - a
+                out = {k: v[:n] for k, v in out.items()}  # drop the padding rows
+                if confusion is not None:
+                    np.add.at(confusion, (truth_of(a, b), out["pred"]), 1)
+                if in_memory:
+                    for k, v in out.items():
+                        res[k][a:b] = v
+                elif is_writer:
+                    cols = {
+                        "barcode": barcodes_of(a, b),
+                        "cell_type": np.asarray(label_str, dtype=object)[out["pred"]],
+                        "confidence": out["conf"].astype(np.float32),
+                    }
+                    if n_samples > 1:
+                        cols["entropy"] = out["entropy"].astype(np.float32)
+                    table_writer.append(pd.DataFrame(cols))
+                    for k, arr in zarr_arrays.items():
+                        arr[a:b] = out[k]
+                bar.update(n)
+
+            prefetch = background(
+                lambda: map(produce, range(n_batches)), depth=depth, name="ginseng-annotate"
+            )
+            stack.callback(prefetch.close)
+            pending = None
+            for i, x, index in prefetch:
+                # Dispatch batch i before fetching batch i-1, so the devices never wait on the host.
+                out_dev = fwd(params, seed_arr, to_global(x), to_global(index))
+                if pending is not None:
+                    consume(*pending)
+                pending = (i, out_dev)
             if pending is not None:
                 consume(*pending)
-            pending = (i, out_dev)
-        if pending is not None:
-            consume(*pending)
 
-        if confusion is not None and is_writer:
-            report, macro = _classification_report(confusion, truth_labels, label_str)
-            absent = [t for t in truth_labels if t not in set(label_str)]
-            if not silent:
-                with pd.option_context("display.max_rows", None, "display.width", 120):
-                    print(report.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-                print(f"macro-F1: {macro:.4f}")
-                if absent:
-                    print(f"truth labels not in the model (recall 0 by construction): {absent}")
-            if report_paths is not None:
-                _write_report(report, macro, confusion, truth_labels, label_str,
-                              report_paths[0], report_paths[1], overwrite)
+            if confusion is not None and is_writer:
+                report, macro = _classification_report(confusion, truth_labels, label_str)
+                absent = [t for t in truth_labels if t not in set(label_str)]
+                if not silent:
+                    with pd.option_context("display.max_rows", None, "display.width", 120):
+                        print(report.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+                    print(f"macro-F1: {macro:.4f}")
+                    if absent:
+                        print(f"truth labels not in the model (recall 0 by construction): {absent}")
+                if report_paths is not None:
+                    _write_report(report, macro, confusion, truth_labels, label_str,
+                                  report_paths[0], report_paths[1], overwrite)
 
-    if not in_memory:
+        if not in_memory:
+            if kind == "h5ad":
+                source.close()
+            return None
+
+        # ---- in-memory results ----
+        cell_type = pd.Categorical.from_codes(res["pred"], categories=pd.Index(label_values))
+        barcodes = barcodes_of(0, n_cells)
         if kind == "h5ad":
             source.close()
-        return None
-
-    # ---- in-memory results ----
-    cell_type = pd.Categorical.from_codes(res["pred"], categories=pd.Index(label_values))
-    barcodes = barcodes_of(0, n_cells)
-    if kind == "h5ad":
-        source.close()
-    obs_cols = {"ginseng_cell_type": cell_type, "ginseng_confidence": res["conf"]}
-    if n_samples > 1:
-        obs_cols["ginseng_entropy"] = res["entropy"]
-    results: list = []
-    if kind in ("adata", "backed", "path"):
-        target = source
-        if copy and kind != "path":  # an AnnData read from a path is already ours to return
-            target = source.copy() if kind == "adata" else source
-        if copy and target.isbacked:
-            target = target.to_memory()
-        for k, v in obs_cols.items():
-            target.obs[k] = v
-        if copy:
-            results.append(target)
-    if want_table:
-        table = pd.DataFrame({"barcode": barcodes, "cell_type": cell_type, "confidence": res["conf"]})
+        obs_cols = {"ginseng_cell_type": cell_type, "ginseng_confidence": res["conf"]}
         if n_samples > 1:
-            table["entropy"] = res["entropy"]
-        results.append(table)
-    if return_probs:
-        results.append(pd.DataFrame(res["probs"], index=pd.Index(barcodes, name="barcode"),
-                                    columns=pd.Index(label_values)))
-    if return_attn:
-        results.append(res["attn"])
-    if not results:
-        return None
-    return results[0] if len(results) == 1 else tuple(results)
+            obs_cols["ginseng_entropy"] = res["entropy"]
+        results: list = []
+        if kind in ("adata", "backed", "path"):
+            target = source
+            if copy and kind != "path":  # an AnnData read from a path is already ours to return
+                target = source.copy() if kind == "adata" else source
+            if copy and target.isbacked:
+                target = target.to_memory()
+            for k, v in obs_cols.items():
+                target.obs[k] = v
+            if copy:
+                results.append(target)
+        if want_table:
+            table = pd.DataFrame({"barcode": barcodes, "cell_type": cell_type, "confidence": res["conf"]})
+            if n_samples > 1:
+                table["entropy"] = res["entropy"]
+            results.append(table)
+        if return_probs:
+            results.append(pd.DataFrame(res["probs"], index=pd.Index(barcodes, name="barcode"),
+                                        columns=pd.Index(label_values)))
+        if return_attn:
+            results.append(res["attn"])
+        if not results:
+            return None
+        return results[0] if len(results) == 1 else tuple(results)
+    except BaseException:
+        _close_opened(source, kind)
+        raise

@@ -682,9 +682,15 @@ def load_ginseng_state(filename: str | os.PathLike) -> GinsengModelState:
                 msg = f"{str(path)!r} is not a ginseng model file: expected attribute format={MODEL_FORMAT!r}, found {fmt!r}"
                 raise ValueError(msg)
             version = f.attrs.get("format_version")
-            if version is None or int(version) != MODEL_FORMAT_VERSION:
+            if isinstance(version, bytes):
+                version = version.decode(errors="replace")
+            elif isinstance(version, np.generic):
+                version = version.item()
+            is_int = isinstance(version, int) and not isinstance(version, bool)
+            if not is_int or int(version) != MODEL_FORMAT_VERSION:
                 msg = (
-                    f"model file {str(path)!r} has format_version {None if version is None else int(version)}, "
+                    f"model file {str(path)!r} has format_version "
+                    f"{int(version) if is_int else repr(version)}, "
                     f"but this ginseng ({__version__}) reads format_version {MODEL_FORMAT_VERSION}; "
                     f"the file was written by ginseng {f.attrs.get('ginseng_version', 'unknown')!s}: "
                     "load it with that version (or a newer ginseng that supports it) and re-save it"

@@ -484,7 +484,8 @@ def _evaluate_test(
     _barrier("ginseng-test-annotated")
     if not _is_main():
         return None
-    table = pd.read_csv(output, dtype={"barcode": str, "cell_type": str})
+    # keep_default_na=False: a cell type or barcode spelled "NA" or "None" stays a string
+    table = pd.read_csv(output, dtype={"barcode": str, "cell_type": str}, keep_default_na=False)
     barcodes = np.asarray(test.obs_names, dtype=str)
     if len(table) != len(barcodes) or not np.array_equal(table["barcode"].to_numpy(str), barcodes):
         msg = (

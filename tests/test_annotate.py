@@ -364,3 +364,19 @@ def test_two_processes_equal_one(adata, state, tmp_path):
     mc = annotate(state, adata, return_probs=True, randomness=True, seed=4, silent=True).to_numpy()
     for i in range(2):  # every process gets every cell, equal to one process with 4 devices
         np.testing.assert_allclose(np.load(f"{out}.{i}.npy"), mc, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("copy", [False, True])
+def test_failed_annotate_closes_the_file_it_opened(adata, tmp_path, copy):
+    # A backed .h5ad opened by annotate stayed open after an error, as long as the traceback
+    # lived (in a notebook: until the next error): the file could not be reopened for writing.
+    import h5py
+
+    path = tmp_path / "q.h5ad"
+    adata.write_h5ad(path)
+    other = make_state([f"other{i}" for i in range(4)])
+    with pytest.raises(ValueError, match="none of the model's 4 genes") as err:
+        annotate(other, str(path), backed=True, copy=copy, silent=True)
+    assert err.value.__traceback__ is not None  # the frames are still alive here
+    with h5py.File(path, "r+"):
+        pass

@@ -362,6 +362,11 @@ def test_model_load_wrong_format_version_and_missing_params(tmp_path):
         match=r"'.*m.h5' has format_version 7, but this ginseng .* reads format_version 1",
     ):
         load_ginseng_state(path)
+    # Not an integer: named as found, never parsed or truncated (1.5 used to pass as 1).
+    for bad, shown in ((1.5, "1.5"), ("v2", "'v2'")):
+        _edit(path, lambda f, bad=bad: f.attrs.__setitem__("format_version", bad))
+        with pytest.raises(ValueError, match=rf"'.*m.h5' has format_version {shown}, but this ginseng"):
+            load_ginseng_state(path)
 
     _edit(path, lambda f: f.attrs.__setitem__("format", "anndata"))
     with pytest.raises(
