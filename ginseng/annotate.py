@@ -107,6 +107,16 @@ def _map_genes(input_genes: np.ndarray, model_genes: np.ndarray, *, allow_missin
     found = pos >= 0
     n_found = int(found.sum())
     where = f"adata.var[{gene_key!r}]" if gene_key is not None else "adata.var_names"
+    if len(first) < len(input_genes):
+        names, counts = np.unique(input_genes, return_counts=True)
+        dup = np.intersect1d(names[counts > 1], model_genes)
+        if dup.size:
+            msg = (
+                f"{dup.size} of the model's genes appear more than once in the input ({where}), "
+                f"e.g. {[str(g) for g in dup[:5]]}; the first column of each is used. Make the "
+                "names unique (adata.var_names_make_unique()) or pass gene_key= to choose"
+            )
+            warnings.warn(msg, UserWarning, stacklevel=3)
     if len(input_genes) and n_model:
         kind_in, kind_model = _gene_id_kind(input_genes), _gene_id_kind(model_genes)
         if {kind_in, kind_model} == {"ensembl", "symbol"}:

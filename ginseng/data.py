@@ -546,6 +546,21 @@ class GinsengDataset:
                 gene_names = gene_names[columns]
         else:
             gene_names = np.asarray([f"gene_{j}" for j in range(n_genes)])
+        uniq, counts = np.unique(gene_names, return_counts=True)
+        if (counts > 1).any():
+            dup = uniq[counts > 1]
+            source = (
+                "genes" if genes is not None
+                else f"adata.var[{gene_key!r}]" if gene_key is not None
+                else "adata.var_names"
+            )
+            msg = (
+                f"gene names must be unique (a model maps genes by name), but {source} has "
+                f"{int(dup.size)} duplicated name(s) among the {n_genes} genes kept: "
+                f"{_describe(dup)}; make them unique first (adata.var_names_make_unique(), or "
+                "read_10x_* with make_unique=True) or choose another gene_key"
+            )
+            raise ValueError(msg)
 
         # Chunks.
         if chunk_size is None:

@@ -380,3 +380,13 @@ def test_failed_annotate_closes_the_file_it_opened(adata, tmp_path, copy):
     assert err.value.__traceback__ is not None  # the frames are still alive here
     with h5py.File(path, "r+"):
         pass
+
+
+def test_duplicated_input_gene_names_warn_and_use_the_first_column(adata, state):
+    dup = adata.copy()
+    names_ = dup.var_names.to_numpy().copy()
+    names_[7] = names_[3]
+    dup.var_names = names_
+    with pytest.warns(UserWarning, match=rf"1 of the model's genes appear more than once in the input \(adata.var_names\), e.g. \['{names_[3]}'\]; the first column of each is used"):
+        got = annotate(state, dup, return_probs=True, silent=True)
+    assert got.shape == (N_CELLS, len(LABELS))

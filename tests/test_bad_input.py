@@ -985,3 +985,21 @@ def test_cli_missing_gene_key_or_layer_named_before_any_work(tmp_path, adata, ov
     with pytest.raises(KeyError, match=pattern):
         tasks.run(conf, tmp_path / "run")
     assert names(tmp_path / "run") == []
+
+
+def test_duplicated_gene_names_refused_and_nothing_written(tmp_path, adata):
+    # A model maps genes by name: two columns with one name used to be stored silently, and
+    # annotate then fed both model inputs from the first column.
+    adata = adata.copy()
+    names_ = adata.var_names.to_numpy().copy()
+    names_[5] = names_[2]
+    adata.var_names = names_
+    with pytest.raises(
+        ValueError,
+        match=rf"gene names must be unique .* adata.var_names has 1 duplicated name\(s\) among the {N_GENES} genes kept: \['{names_[2]}'\]; make them unique first",
+    ):
+        GinsengDataset.create(tmp_path / "ds", adata, labels="cell_type", silent=True)
+    assert names(tmp_path) == []
+    mask = np.ones(N_GENES, bool)
+    mask[5] = False  # without the duplicate it is fine
+    GinsengDataset.create(tmp_path / "ds", adata, labels="cell_type", gene_mask=mask, silent=True)
