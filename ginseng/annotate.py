@@ -166,16 +166,16 @@ class _BlockReader:
     the model's gene order; dense (in memory or backed) is sliced and its columns selected.
     """
 
-    def __init__(self, source: Any, gmap: _GeneMap):
+    def __init__(self, source: Any, gmap: _GeneMap, layer: str | None = None):
         self.gmap = gmap
         self.dataset = None
         if _is_ginseng_dataset(source):
             self.dataset = source
             self.n_obs = int(source.n_cells)
             return
-        X = source.X
+        X = source.X if layer is None else source.layers[layer]
         if X is None:
-            msg = "adata.X is None; annotate needs counts in adata.X"
+            msg = "adata.X is None; annotate needs counts in adata.X (or pass layer=)"
             raise ValueError(msg)
         if sp.issparse(X) and not sp.isspmatrix_csr(X) and not isinstance(X, sp.csr_array):
             # Row blocks of a CSC (or COO) matrix are slow to cut: convert once (in memory anyway).
@@ -643,6 +643,18 @@ def _open_input(adata, backed: bool, light: bool = False):
     raise TypeError(msg)
 
 
+def _warn_if_not_counts(block: np.ndarray, layer: str | None) -> None:
+    """Warn when the first cells hold non-integer values although the model normalizes counts."""
+    if block.size and not np.all(np.mod(block, 1) == 0):
+        where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+        msg = (
+            f"the input's values ({where}) are not integers (normalized data?), but the model "
+            "normalizes raw counts itself; pass layer= naming raw counts if the file has them "
+            "(predictions on normalized values are usually worse)"
+        )
+        warnings.warn(msg, UserWarning, stacklevel=3)
+
+
 def _close_opened(source, kind: str) -> None:
     """Close a file that annotate opened itself (never an AnnData or dataset the caller passed)."""
     with contextlib.suppress(Exception):
@@ -683,6 +695,7 @@ def annotate(
     n_samples: int = 1,
     truth_key: str | None = None,
     report_dir: str | os.PathLike | None = None,
+    layer: str | None = None,
     devices=None,
     silent: bool = False,
 ):
@@ -749,6 +762,10 @@ def annotate(
         Labels absent from the model are reported (recall 0), not an error.
     report_dir : str | Path | None
         Folder for the truth report (must exist).
+    layer : str | None
+        Read counts from ``adata.layers[layer]`` instead of ``X`` (files often keep raw counts in
+        a layer and normalized values in ``X``). When the model normalizes (the default) and the
+        first cells' values are not integers, a warning says that raw counts were expected.
     devices : list of jax.Device | None
         Devices to shard batches over (default: all devices, all processes). Under
         ``jax.distributed`` every process must call ``annotate`` with the same arguments; each
@@ -783,6 +800,22 @@ def annotate(
         The output or report directory does not exist, or the model file is missing.
     """
     # ---- validate everything before reading or writing anything ----
+    for name, value in (("normalize", normalize), ("randomness", randomness), ("copy", copy)):
+        if not (isinstance(value, (bool, np.bool_)) or (value is None and name == "normalize")):
+            expected = "True, False or None" if name == "normalize" else "True or False"
+            msg = f"{name} must be {expected}, got {value!r}"
+            raise ValueError(msg)
+    if target_sum is not None and (
+        isinstance(target_sum, (bool, np.bool_))
+        or not isinstance(target_sum, (int, float, np.integer, np.floating))
+        or not np.isfinite(target_sum)
+        or target_sum <= 0
+    ):
+        msg = f"target_sum must be a finite number > 0 or None (the model's), got {target_sum!r}"
+        raise ValueError(msg)
+    if isinstance(batch_size, (bool, np.bool_)) or isinstance(n_samples, (bool, np.bool_)):
+        msg = f"batch_size and n_samples must be integers, got {batch_size!r} and {n_samples!r}"
+        raise ValueError(msg)
     if int(batch_size) != batch_size or int(batch_size) < 1:
         msg = f"batch_size must be an integer >= 1, got {batch_size!r}"
         raise ValueError(msg)
@@ -816,12 +849,19 @@ def annotate(
             check_writable_target(p, overwrite, "report")
 
     state = _load_model(model_state)
-    source, kind = _open_input(adata, backed, light=truth_key is None and not copy)
+    source, kind = _open_input(adata, backed, light=truth_key is None and not copy and layer is None)
     try:
         model_genes = np.asarray(state.genes).astype(str)
         label_values = np.asarray(state.label_values)
         label_str = [str(v) for v in label_values]
 
+        if layer is not None:
+            if kind == "dataset":
+                msg = f"layer={layer!r} does not apply to a GinsengDataset (it stores one count matrix)"
+                raise ValueError(msg)
+            if layer not in source.layers:
+                msg = f"layer {layer!r} not found in adata.layers; available: {list(map(str, source.layers.keys()))}"
+                raise ValueError(msg)
         if kind == "dataset":
             input_genes = np.asarray(source.genes).astype(str)
             if gene_key is not None:
@@ -883,7 +923,9 @@ def annotate(
         )
         seed_arr = _replicate(np.uint32(int(seed) % 2**32), repl_sh)
         params = _replicate(state.params, repl_sh)
-        reader = _BlockReader(source, gmap)
+        reader = _BlockReader(source, gmap, layer)
+        if norm and kind != "dataset" and n_cells:
+            _warn_if_not_counts(reader.read(0, min(n_cells, 256)), layer)
         n_batches = -(-n_cells // global_batch)
         is_writer = proc == 0
 

@@ -324,6 +324,9 @@ class AnnotateConfig:
     gene_key: str | None = None
     """Column of the input's ``var`` with gene names; None: ``var_names``."""
 
+    layer: str | None = None
+    """Read counts from ``adata.layers[layer]`` instead of ``X`` (where a file keeps raw counts)."""
+
     backed: bool = False
     """Open an .h5ad input in backed mode (bounded memory)."""
 

@@ -605,6 +605,7 @@ def run_annotate(conf: GinsengConfig, workdir: str | os.PathLike) -> Path:
         str(Path(a.model).expanduser()),
         str(Path(a.input).expanduser()),
         gene_key=a.gene_key,
+        layer=a.layer,
         backed=a.backed,
         randomness=a.randomness,
         batch_size=a.batch_size,

@@ -390,3 +390,38 @@ def test_duplicated_input_gene_names_warn_and_use_the_first_column(adata, state)
     with pytest.warns(UserWarning, match=rf"1 of the model's genes appear more than once in the input \(adata.var_names\), e.g. \['{names_[3]}'\]; the first column of each is used"):
         got = annotate(state, dup, return_probs=True, silent=True)
     assert got.shape == (N_CELLS, len(LABELS))
+
+
+def test_layer_reads_counts_from_a_layer_and_normalized_x_gets_a_warning(adata, state):
+    import warnings
+
+    ref = annotate(state, adata, return_probs=True, silent=True).to_numpy()
+    mixed = adata.copy()
+    mixed.layers["counts"] = mixed.X.copy()
+    mixed.X = np.log1p(np.asarray(mixed.X.todense() if sp.issparse(mixed.X) else mixed.X) / 7.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # raw counts in the layer: no warning
+        got = annotate(state, mixed, layer="counts", return_probs=True, silent=True).to_numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+    with pytest.warns(UserWarning, match=r"the input's values \(adata.X\) are not integers .* pass layer="):
+        annotate(state, mixed, return_probs=True, silent=True)
+    with pytest.raises(ValueError, match=r"layer 'raw' not found in adata.layers; available: \['counts'\]"):
+        annotate(state, mixed, layer="raw", silent=True)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        ({"target_sum": 0}, r"target_sum must be a finite number > 0 or None \(the model's\), got 0"),
+        ({"target_sum": -1.0}, r"target_sum must be a finite number > 0 or None"),
+        ({"target_sum": float("nan")}, r"target_sum must be a finite number > 0 or None"),
+        ({"normalize": "no"}, r"normalize must be True, False or None, got 'no'"),
+        ({"batch_size": True}, r"batch_size and n_samples must be integers, got True"),
+        ({"randomness": 1}, r"randomness must be True or False, got 1"),
+    ],
+)
+def test_override_values_are_validated(adata, state, kwargs, pattern):
+    # They used to run silently: target_sum=0 gave every cell one label, -1 NaN confidences.
+    with pytest.raises(ValueError, match=pattern):
+        annotate(state, adata, silent=True, **kwargs)
+    assert "ginseng_cell_type" not in adata.obs
