@@ -18,6 +18,9 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import sys
 
@@ -50,7 +53,84 @@ def _app(cfg: DictConfig):
         heartbeat_timeout_seconds=d.heartbeat_timeout_seconds,
     )
     workdir = HydraConfig.get().runtime.output_dir
-    tasks.run(conf, workdir)
+    log_file = _hydra_log_file()
+    with _tee_stdout(log_file):
+        try:
+            tasks.run(conf, workdir)
+        except USER_ERRORS as err:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            # A mistake in the input or the overrides: one line that says what is wrong, not a
+            # traceback through ginseng's internals (HYDRA_FULL_ERROR=1 shows it).
+            text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+            line = f"Error: {text}"
+            print(line, file=sys.stderr)
+            print("(set HYDRA_FULL_ERROR=1 to see the traceback)", file=sys.stderr)
+            if log_file is not None:
+                with open(log_file, "a") as fh:
+                    fh.write(line + "\n")
+            sys.stdout.flush()
+            sys.stderr.flush()
+            if distributed.process_count() > 1:
+                os._exit(1)  # see distributed.initialize(exit_on_error=...)
+            sys.exit(1)
+
+
+# Exceptions that ginseng raises for bad input, bad settings or an existing output; anything
+# else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError)
+
+
+def _hydra_log_file() -> str | None:
+    """The file of Hydra's job log (``<run dir>/launch.log``), if Hydra configured one."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            return handler.baseFilename
+    return None
+
+
+class _Tee(io.TextIOBase):
+    """Write to the console and to the run's log file (what a user reads later)."""
+
+    def __init__(self, console, path: str):
+        self._console = console
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+
+    def write(self, text: str) -> int:
+        self._console.write(text)
+        self._file.write(text)
+        if "\n" in text:
+            self._file.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self._console.flush()
+        self._file.flush()
+
+    def isatty(self) -> bool:
+        return self._console.isatty()
+
+    def fileno(self) -> int:
+        return self._console.fileno()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+@contextlib.contextmanager
+def _tee_stdout(path: str | None):
+    """Copy what the run prints (per-epoch lines, the test report) into Hydra's job log."""
+    if path is None:
+        yield
+        return
+    original = sys.stdout
+    tee = _Tee(original, path)
+    sys.stdout = tee
+    try:
+        yield
+    finally:
+        sys.stdout = original
+        tee.close()
 
 
 def _command_line_overrides(argv: list[str]) -> list[str]:

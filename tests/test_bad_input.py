@@ -862,6 +862,20 @@ def test_cli_misspelled_override_lists_valid_keys(tmp_path):
         compose(["trainr.epochs=3"])
 
 
+def test_cli_input_error_is_one_line_not_a_traceback(tmp_path):
+    adata = make_counts(n_cells=20, n_genes=6, n_labels=2, seed=0)
+    adata.write_h5ad(tmp_path / "cells.h5ad")
+    run_dir = tmp_path / "run"
+    args = [f"data.path={tmp_path / 'cells.h5ad'}", "data.labels=celltype", f"hydra.run.dir={run_dir}"]
+    proc = _cli(args, tmp_path)
+    assert proc.returncode == 1
+    assert "Error: data.labels='celltype' is not a column of obs in" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert "HYDRA_FULL_ERROR=1" in proc.stderr
+    assert "Error: data.labels='celltype'" in (run_dir / "launch.log").read_text()
+    assert not (run_dir / "dataset.zarr").exists()
+
+
 def test_cli_unknown_task_value(tmp_path):
     proc = _cli(["task=bogus"], tmp_path)
     assert proc.returncode != 0

@@ -236,13 +236,15 @@ def test_launch_module_multirun_from_another_directory(tiny_h5ad, tmp_path):
     sweep = tmp_path / "sweep"
     env = {**os.environ, "GINSENG_RUN_DIR": str(sweep)}
     cmd = [sys.executable, "-m", "ginseng.launch", "--multirun", "model.hidden_dim=8,16",
-           f"data.path={tiny_h5ad}", "genes.select=all", "trainer.epochs=1", "silent=true"]
+           f"data.path={tiny_h5ad}", "genes.select=all", "trainer.epochs=1"]
     proc = subprocess.run(cmd, check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for job, hidden in ((0, 8), (1, 16)):
         state = load_ginseng_state(sweep / str(job) / "model.h5")
         assert state.params["attn1"]["W"].shape == (N_GENES, hidden)
         assert (sweep / str(job) / "metrics.csv").exists()
+        log = (sweep / str(job) / "launch.log").read_text()  # what was printed is in the log
+        assert "[ginseng] epoch 1 | train loss" in log and "macro-F1:" in log
     assert not (cwd / "outputs").exists()
 
     # A misspelled key on the command line: exit code 2 and the valid keys, nothing run.
