@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import uuid
 import warnings
 from collections import deque
@@ -466,9 +467,18 @@ class GinsengDataset:
                 msg = "adata.X is empty; pass layer= to read counts from adata.layers"
                 raise ValueError(msg)
         else:
+            if isinstance(adata, (str, os.PathLike)):
+                msg = (
+                    f"adata must be an AnnData, a scipy sparse matrix or a dense array; found the "
+                    f"path {str(adata)!r}: read it first (ginseng.io.read_adata(path, backed=True) "
+                    "streams an .h5ad)"
+                )
+                raise TypeError(msg)
             if layer is not None or gene_key is not None:
                 msg = "layer= and gene_key= need an AnnData input; found a plain array"
                 raise ValueError(msg)
+            if sp.issparse(adata) and adata.format not in ("csr", "csc"):
+                adata = sp.csr_matrix(adata)  # COO, DOK, LIL...: rows cannot be cut from them
             if not (sp.issparse(adata) or isinstance(adata, np.ndarray)):
                 adata = np.asarray(adata)
             X = adata
@@ -509,10 +519,14 @@ class GinsengDataset:
                 msg = f"gene_mask column {gene_mask!r} not found in adata.var; columns: {found}"
                 raise ValueError(msg)
             col = adata.var[gene_mask]
-            if col.dtype != bool:
+            if pd.api.types.is_bool_dtype(col.dtype) and col.isna().any():
+                msg = f"gene_mask column {gene_mask!r} has {int(col.isna().sum())} missing values"
+                raise ValueError(msg)
+            if not pd.api.types.is_bool_dtype(col.dtype):
                 msg = f"gene_mask column {gene_mask!r} must be boolean, found dtype {col.dtype}"
                 raise ValueError(msg)
-            gene_mask = col.to_numpy()
+            gene_mask = col.to_numpy(dtype=bool)  # also pandas' nullable 'boolean'
+
         columns = None
         if gene_mask is not None:
             mask = np.asarray(gene_mask)

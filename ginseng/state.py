@@ -14,7 +14,18 @@ from jaxtyping import PyTree
 __all__ = ["GinsengModelState"]
 
 
-@dataclass
+def _leaves(tree):
+    if isinstance(tree, dict):
+        for key in sorted(tree):
+            yield from _leaves(tree[key])
+    elif isinstance(tree, (list, tuple)):
+        for item in tree:
+            yield from _leaves(item)
+    elif tree is not None:
+        yield tree
+
+
+@dataclass(repr=False)
 class GinsengModelState:
     """State of the Ginseng model, including parameters and metadata.
 
@@ -43,9 +54,22 @@ class GinsengModelState:
     label_keys: np.ndarray
     label_values: np.ndarray
     normalize: bool = True
-    target_sum: float | None = 1e4
+    target_sum: float | None = None
     dropout_rate: float = 0.25
     training: bool = False
+
+    def __repr__(self) -> str:
+        # The default dataclass repr printed every parameter array and gene name.
+        leaves = [np.asarray(x) for x in _leaves(self.params)]
+        n_params = sum(int(x.size) for x in leaves)
+        labels = [str(v) for v in np.asarray(self.label_values)]
+        shown = ", ".join(labels[:6]) + (f", ... ({len(labels)} in all)" if len(labels) > 6 else "")
+        return (
+            f"GinsengModelState(n_genes={self.n_genes}, n_classes={self.n_classes}, "
+            f"labels=[{shown}], params={n_params:,} in {len(leaves)} arrays, "
+            f"normalize={self.normalize}, target_sum={self.target_sum}, "
+            f"dropout_rate={self.dropout_rate}, training={self.training})"
+        )
 
     @property
     def n_genes(self) -> int:

@@ -19,6 +19,7 @@ from pathlib import Path
 import h5py
 import jax
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.io
 import scipy.sparse as sp
@@ -1017,3 +1018,19 @@ def test_duplicated_gene_names_refused_and_nothing_written(tmp_path, adata):
     mask = np.ones(N_GENES, bool)
     mask[5] = False  # without the duplicate it is fine
     GinsengDataset.create(tmp_path / "ds", adata, labels="cell_type", gene_mask=mask, silent=True)
+
+
+def test_create_accepts_coo_and_nullable_boolean_mask_and_names_a_path(tmp_path, adata):
+    X = sp.csr_matrix(adata.X)
+    ds = GinsengDataset.create(tmp_path / "coo", X.tocoo(), labels=adata.obs["cell_type"].to_numpy(), silent=True)
+    np.testing.assert_array_equal(ds.get_batch(np.arange(N_CELLS)), X.toarray())
+    ad = adata.copy()
+    ad.var["nb"] = pd.array([True] * (N_GENES - 1) + [False], dtype="boolean")
+    ds = GinsengDataset.create(tmp_path / "nb", ad, labels="cell_type", gene_mask="nb", silent=True)
+    assert ds.n_genes == N_GENES - 1
+    ad.var["nb"] = pd.array([True] * (N_GENES - 1) + [None], dtype="boolean")
+    with pytest.raises(ValueError, match="gene_mask column 'nb' has 1 missing values"):
+        GinsengDataset.create(tmp_path / "nb2", ad, labels="cell_type", gene_mask="nb", silent=True)
+    with pytest.raises(TypeError, match=r"found the path '.*x.h5ad': read it first"):
+        GinsengDataset.create(tmp_path / "p", str(tmp_path / "x.h5ad"), labels="cell_type", silent=True)
+    assert names(tmp_path) == ["coo", "nb"]

@@ -443,3 +443,10 @@ def test_model_save_killed_mid_write_never_leaves_a_half_file(tmp_path):
     assert load_ginseng_state(path).n_genes == 300
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "m.h5"]
     assert all(name.startswith(".m.h5.tmp-") for name in leftovers), leftovers
+
+
+def test_model_state_repr_is_a_summary_not_every_array():
+    text = repr(make_state())
+    assert text.startswith("GinsengModelState(n_genes=")
+    assert "labels=[B cell, T cell, monocyte]" in text and "arrays" in text
+    assert len(text) < 400

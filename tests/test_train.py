@@ -386,3 +386,22 @@ def test_trainer_on_dataset_path_one_vs_four_devices(store):
     assert list(s4.genes) == list(ds.genes)
     assert list(s4.label_values) == ["type_0", "type_1", "type_2"]
     assert np.all(np.isfinite(log4.holdout_loss))
+
+
+def test_large_gene_counts_warn_what_the_model_costs():
+    # genes.select=all on pbmc3k (13,714 genes) made a 1.5 GB model file without a word.
+    from jax.sharding import Mesh
+
+    from ginseng.nn import nn_annotate_init
+    from ginseng.train import _build_init, _n_params
+
+    params = nn_annotate_init(jax.random.key(0), 50, 7, 9)
+    assert _n_params(50, 7, 9) == sum(x.size for x in jax.tree.leaves(params))
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    with pytest.warns(UserWarning, match=r"the model has 383 M parameters for 13714 genes .* 1.5 GB as float32"):
+        _build_init(GinsengTrainerSettings(), mesh, 13714, 9)  # builds the function, allocates nothing
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _build_init(GinsengTrainerSettings(), mesh, 2000, 9)
