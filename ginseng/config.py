@@ -179,7 +179,7 @@ class ModelConfig:
     normalize: bool = True
     """Normalize every cell to ``target_sum`` counts and log1p before the network."""
 
-    target_sum: float | None = 1e4
+    target_sum: float | None = None
     """Counts per cell after normalization; None: the number of genes."""
 
     def __post_init__(self) -> None:

@@ -159,7 +159,7 @@ class GinsengTrainerSettings:
 
     # Data
     normalize: bool = True
-    target_sum: float | None = 1e4
+    target_sum: float | None = None
     holdout_fraction: float = 0.2
     balance_train: bool = False
     group_level: bool = False
