@@ -874,6 +874,25 @@ class GinsengDataset:
         data = self._read_stored(uniq)
         return data[inv.reshape(-1)].astype(np.float32)
 
+    # Rows of float32 per window of an ordered pass over a randomly stored dataset.
+    ORDERED_WINDOW_BYTES = 256 * 2**20
+
+    def _iter_in_order(self, batch_size, split):
+        if isinstance(batch_size, (bool, np.bool_)) or int(batch_size) != batch_size or batch_size < 1:
+            msg = f"batch_size must be an integer >= 1, found {batch_size!r}"
+            raise ValueError(msg)
+        batch_size = int(batch_size)
+        cells = np.sort(np.asarray(self._split_indices(split), dtype=np.int64))
+        per_window = max(1, self.ORDERED_WINDOW_BYTES // (4 * max(1, self.n_genes)) // batch_size)
+        window = per_window * batch_size
+        labels = np.asarray(self.labels)
+        for w0 in range(0, len(cells), window):
+            idx = cells[w0 : w0 + window]
+            x = self.get_batch(idx)
+            y = labels[idx].astype(np.int32)
+            for b0 in range(0, len(idx), batch_size):
+                yield x[b0 : b0 + batch_size], y[b0 : b0 + batch_size]
+
     def __len__(self, split: str = "all") -> int:
         """Return the number of samples in ``split`` ("all", "train", or "holdout")."""
         return len(self._split_indices(split))
@@ -921,8 +940,12 @@ class GinsengDataset:
         batch_size : int
             Number of samples per batch (the last batch may be smaller).
         shuffle : bool
-            Random order (chunk-window buffer shuffle over a randomly stored dataset); otherwise
-            storage order.
+            Random order (chunk-window buffer shuffle over a randomly stored dataset). Otherwise
+            the cells of ``split`` in dataset (original) order, as in the input the dataset was
+            created from. On a store written in random order (``create(shuffle=True)``, the
+            default) that order is read in windows of at most ~256 MB of rows, each of which
+            touches every chunk: a full ordered pass decodes the store about once per window,
+            so prefer ``shuffle=True`` (or :meth:`loader`) where order does not matter.
         rng : np.random.Generator | int, optional
             Randomness used if shuffling (and for balancing).
         split : str
@@ -935,6 +958,9 @@ class GinsengDataset:
         tuple[np.ndarray, np.ndarray]
             x float32 (rows, n_genes), y int32 (rows,).
         """
+        if not shuffle and not balance_train:
+            yield from self._iter_in_order(batch_size, split)
+            return
         ld = self.loader(
             batch_size, split=split, shuffle=shuffle, balance=balance_train, seed=_as_seed(rng)
         )

@@ -155,10 +155,28 @@ def test_iter_batches(ds):
     assert xs.shape == (len(ds.train_indices), ds.n_genes) and xs.dtype == np.float32
     assert all(len(y) == 64 for _, y in got[:-1])
     np.testing.assert_array_equal(np.sort(ys), np.sort(ds.labels[ds.train_indices]))
-    # shuffle=False over "all": every row once, matching the data.
-    xs = np.concatenate([x for x, _ in ds.iter_batches(100)])
-    assert xs.shape == (ds.n_cells, ds.n_genes)
-    np.testing.assert_array_equal(np.sort(xs.sum(1)), np.sort(ds._X_dense.sum(1)))
+    # shuffle=False: the cells in dataset order, although the store holds them permuted (it
+    # used to give storage order, which the caller could not map back to cells).
+    got = list(ds.iter_batches(100))
+    np.testing.assert_array_equal(np.concatenate([x for x, _ in got]), np.asarray(ds._X_dense))
+    np.testing.assert_array_equal(np.concatenate([y for _, y in got]), ds.labels)
+    assert [len(y) for _, y in got] == [100] * 6
+    hold = list(ds.iter_batches(7, split="holdout"))
+    np.testing.assert_array_equal(np.concatenate([y for _, y in hold]), ds.labels[np.sort(ds.holdout_indices)])
+    np.testing.assert_array_equal(
+        np.concatenate([x for x, _ in hold]), np.asarray(ds._X_dense)[np.sort(ds.holdout_indices)]
+    )
+    # Windows smaller than the split (as on a large store): same batches.
+    old = GinsengDataset.ORDERED_WINDOW_BYTES
+    try:
+        GinsengDataset.ORDERED_WINDOW_BYTES = 3 * 7 * 4 * ds.n_genes  # 3 batches per window
+        again = list(ds.iter_batches(7, split="holdout"))
+    finally:
+        GinsengDataset.ORDERED_WINDOW_BYTES = old
+    assert len(again) == len(hold)
+    for (xa, ya), (xb, yb) in zip(again, hold, strict=True):
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
     bal = np.concatenate(
         [y for _, y in ds.iter_batches(64, shuffle=True, rng=1, split="train", balance_train=True)]
     )
