@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import re
 import types
@@ -455,13 +454,9 @@ class _TableWriter:
 
 def _is_annotation_store(path: Path) -> bool:
     """Whether ``path`` is a store that annotate wrote (only those may be replaced)."""
-    try:
-        with open(Path(path) / "zarr.json") as fh:
-            doc = json.load(fh)
-    except (OSError, ValueError):
-        return False
-    attrs = doc.get("attributes") if isinstance(doc, dict) else None
-    return isinstance(attrs, dict) and attrs.get("format") == "ginseng.annotation"
+    from ginseng.data import _read_ginseng_attrs
+
+    return _read_ginseng_attrs(Path(path), "ginseng.annotation") is not None
 
 
 def _open_zarr_arrays(path: Path, n_cells: int, chunk_rows: int, label_values, genes,

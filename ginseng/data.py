@@ -84,8 +84,8 @@ def _describe(values, limit=20) -> str:
     return "[" + ", ".join(repr(v) for v in values[:limit]) + more + "]"
 
 
-def _read_ginseng_attrs(path: Path) -> dict | None:
-    """The root attributes of a ginseng store at ``path``, or None when it is not one."""
+def _read_ginseng_attrs(path: Path, fmt: str = FORMAT_NAME) -> dict | None:
+    """The root attributes of a ginseng store of format ``fmt`` at ``path``, or None."""
     meta = path / "zarr.json"
     if not meta.is_file():
         return None
@@ -95,9 +95,16 @@ def _read_ginseng_attrs(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     attrs = doc.get("attributes") if isinstance(doc, dict) else None
-    if not isinstance(attrs, dict) or attrs.get("format") != FORMAT_NAME:
+    if not isinstance(attrs, dict) or attrs.get("format") != fmt:
         return None
     return attrs
+
+
+def _check_batch_size(batch_size) -> int:
+    if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
+        msg = f"batch_size must be an integer >= 1, found {batch_size!r}"
+        raise ValueError(msg)
+    return int(batch_size)
 
 
 def _as_seed(rng) -> int:
@@ -878,10 +885,7 @@ class GinsengDataset:
     ORDERED_WINDOW_BYTES = 256 * 2**20
 
     def _iter_in_order(self, batch_size, split):
-        if isinstance(batch_size, (bool, np.bool_)) or int(batch_size) != batch_size or batch_size < 1:
-            msg = f"batch_size must be an integer >= 1, found {batch_size!r}"
-            raise ValueError(msg)
-        batch_size = int(batch_size)
+        batch_size = _check_batch_size(batch_size)
         cells = np.sort(np.asarray(self._split_indices(split), dtype=np.int64))
         per_window = max(1, self.ORDERED_WINDOW_BYTES // (4 * max(1, self.n_genes)) // batch_size)
         window = per_window * batch_size
@@ -1001,13 +1005,7 @@ class BatchLoader:
         process_count=1,
         prefetch=2,
     ):
-        if (
-            not isinstance(batch_size, (int, np.integer))
-            or isinstance(batch_size, bool)
-            or batch_size < 1
-        ):
-            msg = f"batch_size must be an integer >= 1, found {batch_size!r}"
-            raise ValueError(msg)
+        _check_batch_size(batch_size)
         if split not in SPLITS:
             msg = f"split must be one of {SPLITS}, found {split!r}"
             raise ValueError(msg)
