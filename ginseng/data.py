@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import uuid
 import warnings
 from collections import deque
@@ -57,9 +58,15 @@ _MAX_CHUNK_ROWS = 8192
 # Rows shuffled together by the loader's buffer shuffle (a window of whole chunks). Part of the
 # epoch plan, so it is a constant: the plan must not depend on prefetch or process count.
 _WINDOW_ROWS = 16384
-# Memory used to permute rows while writing (the input is streamed once per buffer-full).
+# Memory used to permute rows while writing: stored rows are written a run of this size at a time.
 _WRITE_BUFFER_BYTES = 512 << 20
 _READ_BLOCK_BYTES = 64 << 20
+# An on-disk input bigger than this many write buffers is bucket-sorted through a spill store
+# (two passes over the data) instead of being streamed once per buffer. Measured on a page-cached
+# 1M x 2,000 backed .h5ad (benchmarks/RESULTS.md, section 7): 8 buffers, streaming 37 s and the
+# spill 43 s; 64 buffers, streaming 132 s and the spill 40 s. An input too big for the page cache
+# makes every extra pass a read from disk, so past a few buffers the spill is the safe choice.
+_SPILL_MIN_RUNS = 8
 # Decoded bytes of whole-chunk reads the loader keeps in flight (bounded memory, enough overlap).
 _INFLIGHT_BYTES = 64 << 20
 # Every chunk of every array is written, even an all-zero one (zarr skips those by default), so a
@@ -166,6 +173,20 @@ class _Source:
         if self.columns is not None:
             blk = blk[:, self.columns]
         return blk
+
+    @property
+    def in_memory(self) -> bool:
+        """True for a numpy array or scipy sparse matrix (rows can be gathered cheaply)."""
+        return isinstance(self.X, np.ndarray) or sp.issparse(self.X)
+
+    def rows(self, idx: np.ndarray):
+        """The rows ``idx`` (any order) of an in-memory input, columns selected."""
+        if sp.issparse(self.X):
+            blk = self.X[idx]
+            return blk if self.columns is None else blk[:, self.columns]
+        if self.columns is None:
+            return self.X[idx]
+        return self.X[np.ix_(idx, self.columns)]
 
     def block_rows(self, itemsize: int = 4) -> int:
         return max(1, min(self.n_rows, _READ_BLOCK_BYTES // max(1, self.n_cols * itemsize)))
@@ -656,7 +677,8 @@ class GinsengDataset:
                 fill_value=0,
                 config=_ARRAY_CONFIG,
             )
-            cls._write_permuted(xa, source, order, dtype, chunk_rows, silent)
+            cls._write_permuted(xa, source, order, dtype, chunk_rows, silent, tmp / ".spill")
+            shutil.rmtree(tmp / ".spill", ignore_errors=True)
             one_chunk = {"chunks": (max(1, n_cells),), "config": _ARRAY_CONFIG}
             root.create_array("order", data=order, **one_chunk)
             root.create_array("labels", data=label_codes, **one_chunk)
@@ -670,12 +692,22 @@ class GinsengDataset:
         return cls(path)
 
     @staticmethod
-    def _write_permuted(xa, source: _Source, order, dtype, chunk_rows: int, silent: bool) -> None:
-        """Write stored row s = input row order[s], streaming the input once per buffer-full.
+    def _write_permuted(
+        xa, source: _Source, order, dtype, chunk_rows: int, silent: bool, spill_dir: Path
+    ) -> None:
+        """Write stored row s = input row order[s] with memory bounded by a buffer of stored rows.
 
-        The buffer holds a run of stored rows (whole chunks); each pass streams the input in
-        contiguous row blocks and scatters the rows that belong to the run into it. Memory is
-        bounded by the buffer, whatever the input size, and the input is never densified whole.
+        The stored rows are written a run at a time (whole chunks, ~``_WRITE_BUFFER_BYTES``).
+        Where one run holds every row, the input is streamed once into it. Otherwise:
+
+        - an input held in memory (array or scipy sparse) is gathered run by run;
+        - an input on disk (backed AnnData) of up to ``_SPILL_MIN_RUNS`` runs is streamed once
+          per run, each pass keeping the rows of that run;
+        - a bigger input on disk is bucket-sorted through a spill store in
+          ``spill_dir``: one streaming pass puts every row in its run's bucket (a contiguous
+          stretch of the spill, written whole chunk by whole chunk), then each bucket is read back
+          in pieces into the buffer, in stored order, and written as its run. Two passes over
+          the data whatever its size, instead of one pass over the input per run.
         """
         n_cells, n_genes = xa.shape
         if n_cells == 0:
@@ -684,21 +716,88 @@ class GinsengDataset:
             max(1, _WRITE_BUFFER_BYTES // max(1, n_genes * dtype.itemsize) // chunk_rows)
             * chunk_rows
         )
+        n_runs = math.ceil(n_cells / run)
+
+        def dense(rows):
+            rows = rows.toarray() if sp.issparse(rows) else np.asarray(rows)
+            return rows.astype(dtype, copy=False)
+
+        if n_runs == 1 or (not source.in_memory and n_runs <= _SPILL_MIN_RUNS):
+            rank = np.empty_like(order)
+            rank[order] = np.arange(n_cells, dtype=np.int64)
+            for r, s0 in enumerate(range(0, n_cells, run)):
+                s1 = min(n_cells, s0 + run)
+                buf = np.zeros((s1 - s0, n_genes), dtype=dtype)
+                desc = "writing counts" if n_runs == 1 else f"writing counts ({r + 1}/{n_runs})"
+                for start, blk in source.blocks(desc, silent):
+                    dest = rank[start : start + blk.shape[0]]
+                    sel = np.flatnonzero((dest >= s0) & (dest < s1))
+                    if sel.size:
+                        buf[dest[sel] - s0] = dense(blk[sel])
+                xa[s0:s1] = buf
+                del buf
+            return
+
+        if source.in_memory:
+            for s0 in tqdm(
+                range(0, n_cells, run), desc="writing counts", disable=silent, unit="run"
+            ):
+                s1 = min(n_cells, s0 + run)
+                xa[s0:s1] = dense(source.rows(order[s0:s1]))
+            return
+
+        # Bucket sort through the spill. Input row i goes to bucket rank[i] // run; within a bucket
+        # rows keep input order, so spill row p holds input row by_bucket[p] and is stored at
+        # rank[by_bucket[p]].
         rank = np.empty_like(order)
         rank[order] = np.arange(n_cells, dtype=np.int64)
-        n_runs = math.ceil(n_cells / run)
-        for r, s0 in enumerate(range(0, n_cells, run)):
-            s1 = min(n_cells, s0 + run)
-            buf = np.zeros((s1 - s0, n_genes), dtype=dtype)
-            desc = "writing counts" if n_runs == 1 else f"writing counts ({r + 1}/{n_runs})"
-            for start, blk in source.blocks(desc, silent):
-                dest = rank[start : start + blk.shape[0]]
-                sel = np.flatnonzero((dest >= s0) & (dest < s1))
-                if sel.size == 0:
-                    continue
-                rows = blk[sel]
-                rows = rows.toarray() if sp.issparse(rows) else np.asarray(rows)
-                buf[dest[sel] - s0] = rows.astype(dtype, copy=False)
+        bucket = rank // run
+        by_bucket = np.argsort(bucket, kind="stable")
+        bounds = np.searchsorted(bucket[by_bucket], np.arange(n_runs + 1))
+        spill = zarr.create_array(
+            zarr.storage.LocalStore(spill_dir),
+            shape=(n_cells, n_genes),
+            chunks=(chunk_rows, n_genes),
+            dtype=dtype,
+            compressors=_codec(),
+            fill_value=0,
+        )
+        fill = bounds[:-1].copy()  # next spill row of each bucket
+        pending: list[list[np.ndarray]] = [[] for _ in range(n_runs)]
+        n_pending = np.zeros(n_runs, dtype=np.int64)
+
+        def flush(b: int, final: bool) -> None:
+            rows = np.concatenate(pending[b]) if len(pending[b]) > 1 else pending[b][0]
+            n = rows.shape[0] if final else (rows.shape[0] // chunk_rows) * chunk_rows
+            if n:
+                spill[fill[b] : fill[b] + n] = rows[:n]
+                fill[b] += n
+            pending[b] = [rows[n:]] if n < rows.shape[0] else []
+            n_pending[b] = rows.shape[0] - n
+
+        for start, blk in source.blocks("writing counts (1/2: bucket)", silent):
+            b_of = bucket[start : start + blk.shape[0]]
+            sorted_rows = np.argsort(b_of, kind="stable")
+            cuts = np.searchsorted(b_of[sorted_rows], np.arange(n_runs + 1))
+            for b in np.flatnonzero(np.diff(cuts)):
+                rows = dense(blk[sorted_rows[cuts[b] : cuts[b + 1]]])
+                pending[b].append(rows)
+                n_pending[b] += rows.shape[0]
+                if n_pending[b] >= chunk_rows:
+                    flush(b, final=False)
+        for b in np.flatnonzero(n_pending):
+            flush(b, final=True)
+        if not np.array_equal(fill, bounds[1:]):
+            msg = "internal: the spill buckets were not filled exactly"
+            raise RuntimeError(msg)
+        piece = max(1, _READ_BLOCK_BYTES // max(1, n_genes * dtype.itemsize) // chunk_rows) * chunk_rows
+        for b in tqdm(range(n_runs), desc="writing counts (2/2: permute)", disable=silent, unit="run"):
+            s0, s1 = b * run, min(n_cells, (b + 1) * run)
+            p0, p1 = bounds[b], bounds[b + 1]
+            buf = np.empty((s1 - s0, n_genes), dtype=dtype)
+            for q0 in range(p0, p1, piece):  # the bucket in pieces: memory ~ one buffer
+                q1 = min(p1, q0 + piece)
+                buf[rank[by_bucket[q0:q1]] - s0] = spill[q0:q1]
             xa[s0:s1] = buf
             del buf
 

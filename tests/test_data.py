@@ -15,6 +15,54 @@ def _dense(a):
     return a.toarray() if sp.issparse(a) else np.asarray(a)
 
 
+@pytest.mark.parametrize(
+    ("kind", "spill"),
+    [("numpy", True), ("csr", True), ("csc", True), ("backed_sparse", True),
+     ("backed_dense", True), ("backed_sparse", False), ("backed_dense", False)],
+)
+def test_multi_run_write_round_trip_and_input_passes(tmp_path, monkeypatch, kind, spill):
+    """A dataset bigger than the write buffer: stored row s is input row order[s], for in-memory
+    and on-disk inputs, with a gene mask. A backed input past _SPILL_MIN_RUNS buffers is streamed
+    exactly twice (the value check and the bucket pass), not once per buffer-full; below it, once
+    per buffer."""
+    import ginseng.data as gd
+
+    monkeypatch.setattr(gd, "_SPILL_MIN_RUNS", 2 if spill else 100)
+
+    adata = make_counts(n_cells=300, n_genes=40, sparse=True)
+    X = _dense(adata.X)
+    mask = np.arange(40) % 3 != 0
+    # 26 kept genes x 2 bytes: a 2,000-byte buffer holds 38 rows -> runs of 35 rows (5 chunks of 7)
+    monkeypatch.setattr(gd, "_WRITE_BUFFER_BYTES", 2000)
+    monkeypatch.setattr(gd, "_READ_BLOCK_BYTES", 26 * 4 * 50)  # 50-row input blocks
+    src = {"numpy": X, "csr": sp.csr_matrix(X), "csc": sp.csc_matrix(X)}.get(kind)
+    if kind.startswith("backed"):
+        if kind == "backed_dense":
+            adata.X = X
+        adata.write_h5ad(tmp_path / "in.h5ad")
+        src = anndata.read_h5ad(tmp_path / "in.h5ad", backed="r")
+    reads = []
+    block = gd._Source.block
+    monkeypatch.setattr(gd._Source, "block", lambda self, a, b: reads.append(a) or block(self, a, b))
+    ds = GinsengDataset.create(
+        tmp_path / "ds.zarr", src, adata.obs["cell_type"].to_numpy(), chunk_size=7,
+        gene_mask=mask, seed=5, silent=True,
+    )
+    if kind.startswith("backed"):
+        src.file.close()
+        # 300 rows in 50-row blocks: 6 reads for the value check, then 6 for the bucket pass,
+        # or 6 per run of 35 stored rows (9 runs) without the spill
+        assert sorted(reads) == sorted(list(range(0, 300, 50)) * (2 if spill else 10))
+    order = np.asarray(ds.root["order"][:])
+    assert not np.array_equal(order, np.arange(300))
+    np.testing.assert_array_equal(np.asarray(ds.root["X"][:]), X[order][:, mask])
+    np.testing.assert_array_equal(ds.get_batch(np.arange(300)), X[:, mask])
+    assert sorted(p.name for p in (tmp_path / "ds.zarr").iterdir()) == [
+        "X", "genes", "label_values", "labels", "order", "zarr.json"
+    ]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
 @pytest.mark.parametrize("shuffle", [True, False])
 @pytest.mark.parametrize("kind", ["dense", "sparse", "backed", "layer", "numpy", "csr"])
 def test_round_trip(tmp_path, kind, shuffle):
