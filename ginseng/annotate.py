@@ -168,6 +168,7 @@ class _BlockReader:
     def __init__(self, source: Any, gmap: _GeneMap, layer: str | None = None):
         self.gmap = gmap
         self.dataset = None
+        self.stored = False  # for a dataset: [a, b) are stored rows, not original ones
         if _is_ginseng_dataset(source):
             self.dataset = source
             self.n_obs = int(source.n_cells)
@@ -201,7 +202,11 @@ class _BlockReader:
         if n == 0:
             return out[:0]
         if self.dataset is not None:
-            block = np.asarray(self.dataset.get_batch(np.arange(a, b, dtype=np.int64)), dtype=np.float32)
+            rows = np.arange(a, b, dtype=np.int64)
+            if self.stored:
+                block = np.asarray(self.dataset._read_stored(rows), dtype=np.float32)
+            else:
+                block = np.asarray(self.dataset.get_batch(rows), dtype=np.float32)
             self._place_dense(block, out, n)
             return out[:n]
         if self._h5 is not None:
@@ -894,7 +899,7 @@ def annotate(
                 cat = pd.Categorical(np.asarray(source.obs[truth_key]).astype(str))
                 t_codes = cat.codes.astype(np.int64)
                 truth_labels = [str(c) for c in cat.categories]
-            truth_of = lambda a, b: t_codes[a:b]
+            truth_of = lambda rows: t_codes[rows]
 
         # ---- devices, batch shape, forward ----
         devs = list(jax.devices() if devices is None else devices)
@@ -919,6 +924,16 @@ def annotate(
         seed_arr = _replicate(np.uint32(int(seed) % 2**32), repl_sh)
         params = _replicate(state.params, repl_sh)
         reader = _BlockReader(source, gmap, layer)
+        # A GinsengDataset stores its rows in a random permutation, so original rows [a, b) are
+        # spread over as many chunks as rows. Read it in storage order (each chunk once) and put
+        # every result at its original index; cells are keyed by original index, so Monte Carlo
+        # draws are the same either way. A streamed table is written at the end from per-cell
+        # columns kept in memory (12 bytes a cell); per-cell probability or attention stores
+        # (output= with return_probs/return_attn) still stream in original order.
+        stored_order = None
+        if kind == "dataset" and (out_path is None or not (return_probs or return_attn)):
+            stored_order = np.asarray(source._order, dtype=np.int64)
+            reader.stored = True
         if norm and kind != "dataset" and n_cells:
             _warn_if_not_counts(reader.read(0, min(n_cells, 256)), layer)
         n_batches = -(-n_cells // global_batch)
@@ -926,14 +941,16 @@ def annotate(
 
         # ---- where results go ----
         in_memory = out_path is None
+        collect = in_memory or stored_order is not None  # per-cell results kept in res
         force_table = kind in ("path", "h5ad", "dataset")
         want_table = bool(return_table) or force_table
         res: dict[str, np.ndarray] = {}
-        if in_memory:
+        if collect:
             res["pred"] = np.empty(n_cells, np.int32)
             res["conf"] = np.empty(n_cells, np.float32)
             if n_samples > 1:
                 res["entropy"] = np.empty(n_cells, np.float32)
+        if in_memory:
             if return_probs:
                 res["probs"] = np.empty((n_cells, len(label_values)), np.float32)
             if return_attn:
@@ -954,8 +971,10 @@ def annotate(
             x = ring[i % len(ring)]
             reader.read(a, b, out=x)
             x[b - a :] = 0.0  # padding rows
-            index = np.arange(g0 + proc * local_rows, g0 + (proc + 1) * local_rows, dtype=np.int32)
-            return i, x, index
+            index = np.arange(g0 + proc * local_rows, g0 + (proc + 1) * local_rows, dtype=np.int64)
+            if stored_order is not None:  # key every cell by its original index
+                index[: b - a] = stored_order[a:b]
+            return i, x, index.astype(np.int32)
 
         def to_global(arr: np.ndarray):
             if multi:
@@ -993,23 +1012,28 @@ def annotate(
                 b = min(a + global_batch, n_cells)
                 n = b - a
                 out = {k: v[:n] for k, v in out.items()}  # drop the padding rows
+                rows = slice(a, b) if stored_order is None else stored_order[a:b]
                 if confusion is not None:
-                    np.add.at(confusion, (truth_of(a, b), out["pred"]), 1)
-                if in_memory:
+                    np.add.at(confusion, (truth_of(rows), out["pred"]), 1)
+                if collect:
                     for k, v in out.items():
-                        res[k][a:b] = v
+                        if k in res:
+                            res[k][rows] = v
                 elif is_writer:
-                    cols = {
-                        "barcode": barcodes_of(a, b),
-                        "cell_type": np.asarray(label_str, dtype=object)[out["pred"]],
-                        "confidence": out["conf"].astype(np.float32),
-                    }
-                    if n_samples > 1:
-                        cols["entropy"] = out["entropy"].astype(np.float32)
-                    table_writer.append(pd.DataFrame(cols))
+                    append_table(a, b, out)
                     for k, arr in zarr_arrays.items():
                         arr[a:b] = out[k]
                 bar.update(n)
+
+            def append_table(a: int, b: int, out: dict) -> None:
+                cols = {
+                    "barcode": barcodes_of(a, b),
+                    "cell_type": np.asarray(label_str, dtype=object)[out["pred"]],
+                    "confidence": out["conf"].astype(np.float32),
+                }
+                if n_samples > 1:
+                    cols["entropy"] = out["entropy"].astype(np.float32)
+                table_writer.append(pd.DataFrame(cols))
 
             prefetch = background(
                 lambda: map(produce, range(n_batches)), depth=depth, name="ginseng-annotate"
@@ -1024,6 +1048,10 @@ def annotate(
                 pending = (i, out_dev)
             if pending is not None:
                 consume(*pending)
+            if table_writer is not None and collect:  # results gathered in storage order
+                for a in range(0, n_cells, global_batch):
+                    b = min(a + global_batch, n_cells)
+                    append_table(a, b, {k: v[a:b] for k, v in res.items()})
 
             if confusion is not None and is_writer:
                 report, macro = _classification_report(confusion, truth_labels, label_str)

@@ -313,6 +313,36 @@ def test_ginseng_dataset_input(adata, state, tmp_path):
     assert rep.loc[t0, "recall"] == pytest.approx(np.mean(pred[truth == t0] == t0))
 
 
+def test_ginseng_dataset_read_in_storage_order_results_in_original_order(adata, state, tmp_path, monkeypatch):
+    """A shuffled dataset is read stored chunk by stored chunk (not a chunk per cell), and every
+    output (in memory, the streamed table, Monte Carlo draws keyed by cell) is in original order
+    and equal to annotating the AnnData."""
+    data = pytest.importorskip("ginseng.data")
+    ds = data.GinsengDataset.create(tmp_path / "ds", adata, labels="cell_type", chunk_size=8, silent=True)
+    assert not np.array_equal(ds._order, np.arange(N_CELLS))
+    reads = []
+    real = data.GinsengDataset._read_stored
+    monkeypatch.setattr(data.GinsengDataset, "_read_stored", lambda self, rows: reads.append(rows) or real(self, rows))
+    monkeypatch.setattr(data.GinsengDataset, "get_batch", lambda *a: pytest.fail("read by original index"))
+    ref_table, ref_probs = annotate(state, adata, return_table=True, return_probs=True, randomness=True,
+                                    n_samples=3, seed=7, silent=True)
+    table, probs = annotate(state, ds, return_probs=True, randomness=True, n_samples=3, seed=7,
+                            batch_size=16, silent=True)
+    # storage order: each read is a contiguous run of stored rows
+    assert all(np.array_equal(r, np.arange(r[0], r[0] + len(r))) for r in reads if len(r))
+    assert sum(len(r) for r in reads) == N_CELLS
+    np.testing.assert_allclose(probs.to_numpy(), ref_probs.to_numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(table.cell_type.astype(str), ref_table.cell_type.astype(str))
+    np.testing.assert_allclose(table.confidence, ref_table.confidence, rtol=1e-5)
+    np.testing.assert_allclose(table.entropy, ref_table.entropy, rtol=1e-5, atol=1e-6)
+    annotate(state, ds, output=tmp_path / "out.csv", randomness=True, n_samples=3, seed=7,
+             batch_size=16, silent=True)
+    written = pd.read_csv(tmp_path / "out.csv")
+    assert list(written.barcode) == list(range(N_CELLS))
+    np.testing.assert_array_equal(written.cell_type.astype(str), ref_table.cell_type.astype(str))
+    np.testing.assert_allclose(written.confidence, ref_table.confidence, rtol=1e-5)
+
+
 _MP_WORKER = r'''
 import sys
 import numpy as np
