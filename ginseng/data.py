@@ -64,7 +64,7 @@ _READ_BLOCK_BYTES = 64 << 20
 # An on-disk input bigger than this many write buffers is bucket-sorted through a spill store
 # (two passes over the data) instead of being streamed once per buffer. Measured on a page-cached
 # 1M x 2,000 backed .h5ad (benchmarks/RESULTS.md, section 7): 8 buffers, streaming 37 s and the
-# spill 43 s; 64 buffers, streaming 132 s and the spill 40 s. An input too big for the page cache
+# spill 43 s; 62 buffers, streaming 132 s and the spill 40 s. An input too big for the page cache
 # makes every extra pass a read from disk, so past a few buffers the spill is the safe choice.
 _SPILL_MIN_RUNS = 8
 # Decoded bytes of whole-chunk reads the loader keeps in flight (bounded memory, enough overlap).
