@@ -296,9 +296,10 @@ def main(argv=None):
     p.add_argument(
         "--set",
         nargs="*",
+        action="extend",
         default=[],
         metavar="KEY=VALUE",
-        help="GinsengTrainerSettings overrides, e.g. lr=3e-3 dropout_rate=0.1",
+        help="GinsengTrainerSettings overrides, e.g. lr=3e-3 dropout_rate=0.1 (repeatable)",
     )
     p.add_argument("--no-logreg", action="store_true")
     p.add_argument("--no-ginseng", action="store_true", help="skip our ginseng (anchors only)")

@@ -48,7 +48,7 @@ def child(store: str, epochs: int, batch: int) -> None:
             n += int(b.mask.sum())
         per_epoch.append({"cells_per_s": n / (time.perf_counter() - t0), "rss_mb": rss_mb()})
     print(json.dumps({
-        "store": store, "n_cells": int(ds.n_cells), "train_cells": int(len(ds.train_indices)),
+        "store": store, "n_cells": int(ds.n_cells), "train_cells": len(ds.train_indices),
         "rss_after_imports_mb": base, "rss_after_open_mb": opened, "epochs": per_epoch,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "loadavg_1m": os.getloadavg()[0],

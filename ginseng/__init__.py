@@ -20,7 +20,7 @@ except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0+unknown"
 
 _SUBMODULES = ("annotate", "augment", "data", "io", "nn", "opt", "train", "utils")
-__all__ = ["__version__", *_SUBMODULES]
+__all__ = ["__version__", "annotate", "augment", "data", "io", "nn", "opt", "train", "utils"]
 
 
 def __getattr__(name):

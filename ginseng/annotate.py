@@ -815,7 +815,7 @@ def annotate(
         raise ValueError(msg)
     if isinstance(batch_size, (bool, np.bool_)) or isinstance(n_samples, (bool, np.bool_)):
         msg = f"batch_size and n_samples must be integers, got {batch_size!r} and {n_samples!r}"
-        raise ValueError(msg)
+        raise ValueError(msg)  # noqa: TRY004 - every bad batch_size is a ValueError, as the seed's
     if int(batch_size) != batch_size or int(batch_size) < 1:
         msg = f"batch_size must be an integer >= 1, got {batch_size!r}"
         raise ValueError(msg)

@@ -26,16 +26,14 @@ def test_failure_leaves_previous_file_and_no_temporary(tmp_path):
 def test_existing_target_refused_without_overwrite(tmp_path):
     target = tmp_path / "out.csv"
     target.write_text("user data")
-    with pytest.raises(FileExistsError, match="out.csv' already exists; pass overwrite=True"):
-        with atomic_path(target, what="output"):
-            pass
+    with pytest.raises(FileExistsError, match="out.csv' already exists; pass overwrite=True"), atomic_path(target, what="output"):
+        pass
     assert target.read_text() == "user data"
 
 
 def test_missing_directory_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist: .*nowhere"):
-        with atomic_path(tmp_path / "nowhere" / "x.h5"):
-            pass
+    with pytest.raises(FileNotFoundError, match="does not exist: .*nowhere"), atomic_path(tmp_path / "nowhere" / "x.h5"):
+        pass
 
 
 def _ours(path):
@@ -60,9 +58,8 @@ def test_overwrite_never_replaces_a_directory_with_a_file(tmp_path):
     target = tmp_path / "table.csv"
     target.mkdir()
     (target / "precious.txt").write_text("data")
-    with pytest.raises(FileExistsError, match="is an existing directory; refusing"):
-        with atomic_path(target, overwrite=True) as tmp:
-            tmp.write_text("x")
+    with pytest.raises(FileExistsError, match="is an existing directory; refusing"), atomic_path(target, overwrite=True) as tmp:
+        tmp.write_text("x")
     assert (target / "precious.txt").read_text() == "data"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["table.csv"]
 
@@ -76,9 +73,8 @@ def test_overwrite_replaces_only_our_own_directories(tmp_path, existing):
         target.mkdir()
         (target / "precious.txt").write_text("data")
     found = "an existing file" if existing == "file" else "a directory ginseng did not write"
-    with pytest.raises(FileExistsError, match=f"is {found}; refusing"):
-        with atomic_path(target, overwrite=True, kind="dir", replaceable=_ours) as tmp:
-            tmp.mkdir()
+    with pytest.raises(FileExistsError, match=f"is {found}; refusing"), atomic_path(target, overwrite=True, kind="dir", replaceable=_ours) as tmp:
+        tmp.mkdir()
     if existing == "file":
         assert target.read_text() == "user file"
     else:
@@ -89,12 +85,11 @@ def test_overwrite_replaces_only_our_own_directories(tmp_path, existing):
 def test_target_that_changes_kind_while_writing_is_not_replaced(tmp_path):
     target = tmp_path / "model.h5"
     target.write_text("old")
-    with pytest.raises(FileExistsError, match="is an existing directory"):
-        with atomic_path(target, overwrite=True) as tmp:
-            tmp.write_text("new")
-            target.unlink()
-            target.mkdir()
-            (target / "x").write_text("user")
+    with pytest.raises(FileExistsError, match="is an existing directory"), atomic_path(target, overwrite=True) as tmp:
+        tmp.write_text("new")
+        target.unlink()
+        target.mkdir()
+        (target / "x").write_text("user")
     assert (target / "x").read_text() == "user"
 
 
