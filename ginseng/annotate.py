@@ -902,17 +902,18 @@ def annotate(
             truth_of = lambda rows: t_codes[rows]
 
         # ---- devices, batch shape, forward ----
-        devs = list(jax.devices() if devices is None else devices)
-        n_dev = len(devs)
-        n_proc = jax.process_count()
-        proc = jax.process_index()
+        # The trainer's mesh: devices ordered by process, so this process's rows of a global
+        # batch are the one contiguous block make_array_from_process_local_data expects.
+        from ginseng.train import _layout, make_mesh
+
+        mesh = make_mesh(devices)
+        layout = _layout(mesh)
+        n_dev = mesh.devices.size
+        n_proc = layout.process_count
+        proc = layout.process_index
         multi = n_proc > 1
         global_batch = -(-batch_size // n_dev) * n_dev
-        if global_batch % n_proc:
-            msg = f"the {n_dev} devices do not split evenly over {n_proc} processes"
-            raise ValueError(msg)
         local_rows = global_batch // n_proc
-        mesh = Mesh(np.asarray(devs), ("data",))
         norm = state.normalize if normalize is None else bool(normalize)
         tsum = state.target_sum if target_sum is None else float(target_sum)
         want_probs_out = bool(return_probs)

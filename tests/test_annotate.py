@@ -81,7 +81,8 @@ def test_sparse_input_and_return_convention(adata, state):
 
 def test_batch_size_and_device_count_do_not_change_results(adata, state):
     ref = annotate(state, adata, batch_size=1024, return_probs=True, silent=True)
-    for bs, devs in ((7, None), (1, jax.devices()[:1]), (7, jax.devices()[:1]), (33, jax.devices()[:2])):
+    for bs, devs in ((7, None), (1, jax.devices()[:1]), (7, jax.devices()[:1]), (33, jax.devices()[:2]),
+                     (9, jax.devices()[::-1])):
         got = annotate(state, adata, batch_size=bs, devices=devs, return_probs=True, silent=True)
         np.testing.assert_array_equal(got.to_numpy().argmax(1), ref.to_numpy().argmax(1))
         np.testing.assert_allclose(got.to_numpy(), ref.to_numpy(), rtol=1e-5, atol=1e-7)
