@@ -7,7 +7,7 @@ Layout of a store (a zarr v3 group; format "ginseng.dataset", version 1)::
                    contiguous chunk holds random cells and a shuffled epoch can read whole chunks.
     order          int64 [n_cells]: stored row -> original row (input row of ``create``)
     labels         int32 [n_cells], original row order; label k <-> label_values[k]
-    label_values   str [n_labels], sorted unique original labels
+    label_values   str [n_labels], sorted unique original labels (int64 for integer labels)
     genes          str [n_genes]
     group_codes    int32 [n_cells] and group_values str [n_groups] (only when groups were given)
     split_<id>/train, split_<id>/holdout   int64 original row indices; attr "split" names the live one
@@ -133,7 +133,10 @@ def _as_generator(rng) -> np.random.Generator:
 
 
 def _encode_labels(values, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """(codes int32, sorted unique values as str) for a label-like array; refuses missing values."""
+    """(codes int32, sorted unique values) for a label-like array; refuses missing values.
+
+    Integer labels stay integers (int64, sorted numerically); anything else becomes str.
+    """
     if isinstance(values, pd.Series):
         values = values.to_numpy()
     arr = np.asarray(values)
@@ -147,6 +150,8 @@ def _encode_labels(values, what: str) -> tuple[np.ndarray, np.ndarray]:
     if arr.dtype.kind not in "biuf":
         arr = arr.astype(str)
     uniq, codes = np.unique(arr, return_inverse=True)
+    if arr.dtype.kind in "iu":
+        return codes.astype(np.int32).ravel(), uniq.astype(np.int64)
     return codes.astype(np.int32).ravel(), np.asarray([str(u) for u in uniq], dtype=object)
 
 
@@ -237,6 +242,23 @@ def _write_str_array(group, name: str, values) -> None:
         name, shape=values.shape, dtype=str, chunks=(max(1, len(values)),), config=_ARRAY_CONFIG
     )
     arr[:] = values
+
+
+def _write_label_values(group, values: np.ndarray) -> None:
+    """Integer labels as int64 (they come back as integers), others as strings."""
+    if values.dtype.kind in "iu":
+        group.create_array(
+            "label_values", data=values.astype(np.int64), chunks=(max(1, len(values)),),
+            config=_ARRAY_CONFIG,
+        )
+    else:
+        _write_str_array(group, "label_values", values)
+
+
+def _read_label_values(arr) -> np.ndarray:
+    if np.dtype(arr.dtype).kind in "iu":
+        return np.asarray(arr[:], dtype=np.int64)
+    return _read_str_array(arr)
 
 
 def _read_str_array(arr) -> np.ndarray:
@@ -370,7 +392,7 @@ class GinsengDataset:
         self.uuid = str(attrs["uuid"])
         self.identity = f"{self.uuid}:{self.n_cells}x{self.n_genes}"
         self.genes = _read_str_array(root["genes"])
-        self.label_values = _read_str_array(root["label_values"])
+        self.label_values = _read_label_values(root["label_values"])
         self.n_labels = len(self.label_values)
         self.label_keys = np.arange(self.n_labels)
         self.labels = np.asarray(root["labels"][:], dtype=np.int32)
@@ -682,7 +704,7 @@ class GinsengDataset:
             one_chunk = {"chunks": (max(1, n_cells),), "config": _ARRAY_CONFIG}
             root.create_array("order", data=order, **one_chunk)
             root.create_array("labels", data=label_codes, **one_chunk)
-            _write_str_array(root, "label_values", label_values)
+            _write_label_values(root, label_values)
             _write_str_array(root, "genes", gene_names)
             if group_codes is not None:
                 root.create_array("group_codes", data=group_codes, **one_chunk)

@@ -405,3 +405,31 @@ def test_large_gene_counts_warn_what_the_model_costs():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _build_init(GinsengTrainerSettings(), mesh, 2000, 9)
+
+
+def test_integer_labels_come_back_as_integers(tmp_path):
+    """Integer labels (e.g. cluster ids) stay integers through dataset, model file and annotate,
+    so predictions compare equal to the user's labels (as strings they never would)."""
+    import anndata
+
+    from ginseng.annotate import annotate
+    from ginseng.data import GinsengDataset
+    from ginseng.io import load_ginseng_state, save_ginseng_state
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 240) * 10 + 5  # 5, 15, 25: numeric order, not string order
+    X = rng.poisson(1.0, (240, 12)).astype(np.float32)
+    X[np.arange(240), y // 10] += 30
+    ds = GinsengDataset.create(tmp_path / "ds", X, y, silent=True)
+    assert ds.label_values.dtype == np.int64 and list(ds.label_values) == [5, 15, 25]
+    np.testing.assert_array_equal(GinsengDataset(tmp_path / "ds").label_values[ds.labels], y)
+    s = GinsengTrainerSettings(hidden_dim=8, batch_size=16, lr=1e-2, dropout_rate=0.0)
+    _, state = GinsengTrainer(ds, s, epochs=4, silent=True)
+    save_ginseng_state(state, tmp_path / "m.h5")
+    state = load_ginseng_state(tmp_path / "m.h5")
+    assert list(state.label_values) == [5, 15, 25]
+    adata = anndata.AnnData(X)
+    adata.var_names = ds.genes
+    pred = annotate(state, adata, copy=True, silent=True).obs["ginseng_cell_type"]
+    assert pred.cat.categories.dtype.kind == "i"
+    assert np.mean(pred.to_numpy() == y) > 0.9
