@@ -43,6 +43,7 @@ from ginseng._files import atomic_path, check_writable_target
 from ginseng._threads import background
 from ginseng.nn import nn_annotate
 from ginseng.state import GinsengModelState
+from ginseng.utils import _check_cells, _row_block
 
 __all__ = ["annotate", "annotate_iter_full", "annotate_iter_partial"]
 
@@ -169,6 +170,7 @@ class _BlockReader:
         self.gmap = gmap
         self.dataset = None
         self.stored = False  # for a dataset: [a, b) are stored rows, not original ones
+        self.cells = None  # for an AnnData: [a, b) index these rows (sorted), not the input's
         if _is_ginseng_dataset(source):
             self.dataset = source
             self.n_obs = int(source.n_cells)
@@ -209,7 +211,9 @@ class _BlockReader:
                 block = np.asarray(self.dataset.get_batch(rows), dtype=np.float32)
             self._place_dense(block, out, n)
             return out[:n]
-        if self._h5 is not None:
+        if self.cells is not None:
+            blk = _row_block(self.X, a, b, self.cells)
+        elif self._h5 is not None:
             data, indices, indptr = self._h5
             ptr = indptr[a : b + 1].astype(np.int64)
             s0, s1 = int(ptr[0]), int(ptr[-1])
@@ -696,6 +700,7 @@ def annotate(
     truth_key: str | None = None,
     report_dir: str | os.PathLike | None = None,
     layer: str | None = None,
+    cells=None,
     devices=None,
     silent: bool = False,
 ):
@@ -766,6 +771,11 @@ def annotate(
         Read counts from ``adata.layers[layer]`` instead of ``X`` (files often keep raw counts in
         a layer and normalized values in ``X``). When the model normalizes (the default) and the
         first cells' values are not integers, a warning says that raw counts were expected.
+    cells : array-like of int or bool, optional
+        Annotate only these rows of an AnnData input (row indices or a boolean mask), e.g. the
+        test cells of a backed file, read block by block. Tables, probabilities and reports cover
+        these cells in row order; obs columns written into an AnnData are missing (NaN) for the
+        other rows.
     devices : list of jax.Device | None
         Devices to shard batches over (default: all devices, all processes). Under
         ``jax.distributed`` every process must call ``annotate`` with the same arguments; each
@@ -849,7 +859,9 @@ def annotate(
             check_writable_target(p, overwrite, "report")
 
     state = _load_model(model_state)
-    source, kind = _open_input(adata, backed, light=truth_key is None and not copy and layer is None)
+    source, kind = _open_input(
+        adata, backed, light=truth_key is None and not copy and layer is None and cells is None
+    )
     try:
         model_genes = np.asarray(state.genes).astype(str)
         label_values = np.asarray(state.label_values)
@@ -879,6 +891,20 @@ def annotate(
             else:
                 obs_names = source.obs_names
                 barcodes_of = lambda a, b: np.asarray(obs_names[a:b]).astype(str)
+        n_obs = n_cells
+        if cells is not None:
+            if kind == "dataset":
+                msg = "cells= applies to an AnnData input; a GinsengDataset is annotated whole"
+                raise ValueError(msg)
+            cells = _check_cells(cells, n_obs)
+            n_cells = int(cells.size)
+            all_barcodes = barcodes_of
+
+            def barcodes_of(a: int, b: int) -> np.ndarray:
+                rows = cells[a:b]
+                if rows.size == 0:
+                    return np.zeros(0, dtype=str)
+                return np.asarray(all_barcodes(int(rows[0]), int(rows[-1]) + 1))[rows - rows[0]]
 
         truth_of = None
         truth_labels: list[str] = []
@@ -899,6 +925,8 @@ def annotate(
                 cat = pd.Categorical(np.asarray(source.obs[truth_key]).astype(str))
                 t_codes = cat.codes.astype(np.int64)
                 truth_labels = [str(c) for c in cat.categories]
+            if cells is not None:
+                t_codes = t_codes[cells]
             truth_of = lambda rows: t_codes[rows]
 
         # ---- devices, batch shape, forward ----
@@ -925,6 +953,7 @@ def annotate(
         seed_arr = _replicate(np.uint32(int(seed) % 2**32), repl_sh)
         params = _replicate(state.params, repl_sh)
         reader = _BlockReader(source, gmap, layer)
+        reader.cells = cells
         # A GinsengDataset stores its rows in a random permutation, so original rows [a, b) are
         # spread over as many chunks as rows. Read it in storage order (each chunk once) and put
         # every result at its original index; cells are keyed by original index, so Monte Carlo
@@ -1080,6 +1109,15 @@ def annotate(
         obs_cols = {"ginseng_cell_type": cell_type, "ginseng_confidence": res["conf"]}
         if n_samples > 1:
             obs_cols["ginseng_entropy"] = res["entropy"]
+        if cells is not None:  # obs gets a value per row: missing for the rows not annotated
+            codes = np.full(n_obs, -1, np.int32)
+            codes[cells] = res["pred"]
+            full = {"ginseng_cell_type": pd.Categorical.from_codes(codes, categories=pd.Index(label_values))}
+            for k, v in obs_cols.items():
+                if k != "ginseng_cell_type":
+                    full[k] = np.full(n_obs, np.nan, np.float32)
+                    full[k][cells] = v
+            obs_cols = full
         results: list = []
         if kind in ("adata", "backed", "path"):
             target = source

@@ -106,8 +106,9 @@ class DataConfig:
     """Read counts from ``adata.layers[layer]`` instead of ``X`` (raw counts often live there)."""
 
     backed: bool = False
-    """Open an .h5ad in backed (on-disk) mode. The input is read lazily, but the counts of the
-    training cells are still loaded into memory once, to select genes and build the store."""
+    """Open an .h5ad in backed (on-disk) mode: gene selection, the dataset store and the test
+    annotation read the training and test rows block by block from the file, so memory does not
+    grow with the number of cells (obs is still read whole, as anndata's backed mode does)."""
 
     min_cells: int = 10
     """Labels with fewer cells than this in the input are left out (listed in a warning): they

@@ -39,6 +39,7 @@ from zarr.codecs import BloscCodec
 
 from ginseng._files import atomic_path
 from ginseng._threads import background
+from ginseng.utils import _check_cells, _row_block
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "Batch", "BatchLoader", "GinsengDataset"]
 
@@ -158,15 +159,16 @@ def _encode_labels(values, what: str) -> tuple[np.ndarray, np.ndarray]:
 class _Source:
     """Row-block access to the input counts (dense, sparse, or backed AnnData), columns selected."""
 
-    def __init__(self, X, columns: np.ndarray | None):
+    def __init__(self, X, columns: np.ndarray | None, cells: np.ndarray | None = None):
         self.X = X
         self.columns = columns
-        self.n_rows = int(X.shape[0])
+        self.cells = cells  # sorted input rows to keep (None: all)
+        self.n_rows = int(X.shape[0]) if cells is None else len(cells)
         self.n_cols = int(X.shape[1]) if columns is None else len(columns)
 
     def block(self, start: int, stop: int):
-        """Rows [start, stop) as a dense ndarray or a scipy CSR matrix (never the whole matrix)."""
-        blk = self.X[start:stop]
+        """Rows [start, stop) (of the kept cells) as a dense ndarray or a scipy CSR matrix."""
+        blk = _row_block(self.X, start, stop, self.cells)
         if hasattr(blk, "to_memory"):  # anndata backed sparse slices
             blk = blk.to_memory()
         if sp.issparse(blk):
@@ -186,6 +188,8 @@ class _Source:
 
     def rows(self, idx: np.ndarray):
         """The rows ``idx`` (any order) of an in-memory input, columns selected."""
+        if self.cells is not None:
+            idx = self.cells[idx]
         if sp.issparse(self.X):
             blk = self.X[idx]
             return blk if self.columns is None else blk[:, self.columns]
@@ -446,6 +450,7 @@ class GinsengDataset:
         layer=None,
         *,
         genes=None,
+        cells=None,
         shuffle=True,
         seed=0,
         overwrite=False,
@@ -474,6 +479,10 @@ class GinsengDataset:
             Read counts from ``adata.layers[layer]`` instead of ``adata.X``.
         genes : array-like, optional
             Gene names (for array input, or to override); length n_genes before or after the mask.
+        cells : array-like of int or bool, optional
+            Keep only these input rows (row indices or a boolean mask), e.g. the training cells
+            of a backed file, read block by block without loading the rest. ``labels`` and
+            ``groups`` still give one value per input row. Dataset index i is the i-th kept row.
         shuffle : bool
             Store rows in a seeded random permutation (fast shuffled epochs). Indices stay original.
         seed : int
@@ -537,6 +546,8 @@ class GinsengDataset:
                 raise ValueError(msg)
             n_cells, n_vars = X.shape
 
+        cells = _check_cells(cells, n_cells)
+
         def obs_column(value, what):
             if isinstance(value, str):
                 if not is_ad:
@@ -545,12 +556,13 @@ class GinsengDataset:
                 if value not in adata.obs.columns:
                     msg = f"{what} column {value!r} not found in adata.obs; columns: {_describe(adata.obs.columns)}"
                     raise ValueError(msg)
-                return adata.obs[value].to_numpy()
-            arr = np.asarray(value)
-            if arr.ndim != 1 or arr.shape[0] != n_cells:
-                msg = f"{what} has {arr.shape[0] if arr.ndim else 0} entries but the data has {n_cells} cells"
-                raise ValueError(msg)
-            return arr
+                arr = adata.obs[value].to_numpy()
+            else:
+                arr = np.asarray(value)
+                if arr.ndim != 1 or arr.shape[0] != n_cells:
+                    msg = f"{what} has {arr.shape[0] if arr.ndim else 0} entries but the data has {n_cells} cells"
+                    raise ValueError(msg)
+            return arr if cells is None else arr[cells]
 
         label_codes, label_values = _encode_labels(obs_column(labels, "labels"), "labels")
         if len(label_values) < 2:
@@ -642,7 +654,9 @@ class GinsengDataset:
             msg = f"chunk_size must be positive, found {chunk_size!r}"
             raise ValueError(msg)
 
-        source = _Source(X, columns)
+        source = _Source(X, columns, cells)
+        if cells is not None:
+            n_cells = len(cells)
         vmax, integer = _scan_values(source, silent)
         if not integer:
             warnings.warn(

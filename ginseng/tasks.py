@@ -373,7 +373,12 @@ def run_prepare(conf: GinsengConfig, workdir: str | os.PathLike, reuse: bool = F
             f"Input {path}: {adata.n_obs} cells x {adata.n_vars} genes; "
             f"{len(train_idx)} for training, {len(test_idx)} set aside for testing",
         )
-        train = _subset(adata, train_idx, conf.data.layer)
+        # In memory: the training cells as their own AnnData. Backed: the file itself, read block
+        # by block for the training rows only (memory bounded by a block, whatever the size).
+        if adata.isbacked:
+            train, cells, layer = adata, train_idx, conf.data.layer
+        else:
+            train, cells, layer = _subset(adata, train_idx, conf.data.layer), None, None
         gene_mask = None
         if conf.genes.select == GeneSelection.hvg:
             from ginseng.utils import compute_hvgs
@@ -385,6 +390,8 @@ def run_prepare(conf: GinsengConfig, workdir: str | os.PathLike, reuse: bool = F
                 min_mean=conf.genes.min_mean,
                 max_mean=conf.genes.max_mean,
                 n_bins=conf.genes.n_bins,
+                layer=layer,
+                cells=cells,
             )
             gene_mask = train.var["ginseng_genes"].to_numpy(bool)
             _say(conf, f"Selected {int(gene_mask.sum())} highly variable genes of the training cells")
@@ -396,6 +403,8 @@ def run_prepare(conf: GinsengConfig, workdir: str | os.PathLike, reuse: bool = F
             groups=conf.data.groups,
             gene_key=conf.data.gene_key,
             gene_mask=gene_mask,
+            layer=layer,
+            cells=cells,
             shuffle=True,
             seed=conf.data.seed,
             overwrite=conf.overwrite,
@@ -470,7 +479,11 @@ def _evaluate_test(
     """
     from ginseng.annotate import annotate
 
-    test = _subset(prepared.adata, prepared.test_indices, conf.data.layer)
+    # In memory: the test cells as their own AnnData. Backed: the file itself, test rows only.
+    if prepared.adata.isbacked:
+        test, cells, layer = prepared.adata, prepared.test_indices, conf.data.layer
+    else:
+        test, cells, layer = _subset(prepared.adata, prepared.test_indices, conf.data.layer), None, None
     annotate(
         state,
         test,
@@ -479,6 +492,8 @@ def _evaluate_test(
         output=str(output),
         overwrite=conf.overwrite,
         truth_key=conf.data.labels,
+        layer=layer,
+        cells=cells,
         silent=True,
     )
     _barrier("ginseng-test-annotated")
@@ -486,14 +501,14 @@ def _evaluate_test(
         return None
     # keep_default_na=False: a cell type or barcode spelled "NA" or "None" stays a string
     table = pd.read_csv(output, dtype={"barcode": str, "cell_type": str}, keep_default_na=False)
-    barcodes = np.asarray(test.obs_names, dtype=str)
+    barcodes = np.asarray(prepared.adata.obs_names[prepared.test_indices], dtype=str)
     if len(table) != len(barcodes) or not np.array_equal(table["barcode"].to_numpy(str), barcodes):
         msg = (
             f"the annotation table {str(output)!r} has {len(table)} rows that do not match the "
             f"{len(barcodes)} test cells in order"
         )
         raise RuntimeError(msg)
-    truth = test.obs[conf.data.labels].astype(str).to_numpy()
+    truth = np.asarray(prepared.adata.obs[conf.data.labels].to_numpy()[prepared.test_indices]).astype(str)
     return classification_report(truth, table["cell_type"].to_numpy(str))
 
 

@@ -23,6 +23,60 @@ def _check_int(name: str, value, minimum: int) -> int:
     return int(value)
 
 
+def _check_cells(cells, n_obs: int) -> np.ndarray | None:
+    """``cells`` as sorted unique int64 row indices in [0, n_obs) (None stays None)."""
+    if cells is None:
+        return None
+    arr = np.asarray(cells)
+    if arr.dtype == bool:
+        if arr.shape != (n_obs,):
+            msg = f"cells as a boolean mask needs {n_obs} entries (one per cell), found shape {arr.shape}"
+            raise ValueError(msg)
+        return np.flatnonzero(arr).astype(np.int64)
+    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+        msg = f"cells must be a 1-d array of integer row indices or a boolean mask, found dtype {arr.dtype} shape {arr.shape}"
+        raise ValueError(msg)
+    arr = arr.astype(np.int64)
+    if arr.size and (arr.min() < 0 or arr.max() >= n_obs):
+        msg = f"cells must be row indices in [0, {n_obs}), found min {arr.min()} max {arr.max()}"
+        raise ValueError(msg)
+    uniq = np.unique(arr)
+    if uniq.size != arr.size:
+        msg = f"cells has {arr.size - uniq.size} repeated row indices; each cell can be taken once"
+        raise ValueError(msg)
+    return uniq
+
+
+def _row_block(X, start: int, stop: int, cells: np.ndarray | None = None):
+    """Rows [start, stop) of ``X``; with ``cells`` (sorted unique row indices), the rows
+    ``cells[start:stop]``, read as contiguous input ranges of at most twice the block's rows
+    (so a sparse selection of a backed matrix is never read in one huge slice)."""
+    if cells is None:
+        return X[start:stop]
+    want = cells[start:stop]
+    span = max(1, 2 * (stop - start))
+    pieces = []
+    i = 0
+    while i < want.size:
+        lo = int(want[i])
+        j = int(np.searchsorted(want, lo + span, side="left"))
+        hi = int(want[j - 1]) + 1
+        blk = X[lo:hi]
+        if hasattr(blk, "to_memory"):  # anndata backed sparse slices
+            blk = blk.to_memory()
+        if j - i != hi - lo:
+            blk = blk[want[i:j] - lo]
+        pieces.append(blk)
+        i = j
+    if not pieces:
+        return X[0:0]
+    if len(pieces) == 1:
+        return pieces[0]
+    if sp.issparse(pieces[0]):
+        return sp.vstack(pieces, format="csr")
+    return np.concatenate([np.asarray(p) for p in pieces])
+
+
 def _matrix(data: anndata.AnnData, layer: str | None):
     if layer is None:
         if data.X is None:
@@ -37,7 +91,7 @@ def _matrix(data: anndata.AnnData, layer: str | None):
     return data.layers[layer]
 
 
-def _gene_moments(X, n_cells: int, n_genes: int, chunk_size: int):
+def _gene_moments(X, n_cells: int, n_genes: int, chunk_size: int, cells: np.ndarray | None = None):
     """One pass over row blocks: sums and sums of squares of the per-cell normalized counts
     (total ``1e4`` per cell) and of ``expm1(X)``, and whether every value is an integer.
 
@@ -51,7 +105,7 @@ def _gene_moments(X, n_cells: int, n_genes: int, chunk_size: int):
     integer = True
     for start in range(0, n_cells, chunk_size):
         stop = min(start + chunk_size, n_cells)
-        block = X[start:stop]
+        block = _row_block(X, start, stop, cells)
         if sp.issparse(block):
             block = sp.csr_matrix(block, dtype=np.float64)
             values = block.data
@@ -130,6 +184,7 @@ def compute_hvgs(
     *,
     layer: str | None = None,
     chunk_size: int = 10000,
+    cells=None,
 ) -> None | anndata.AnnData:
     """Select highly variable genes.
 
@@ -166,6 +221,9 @@ def compute_hvgs(
         Read values from ``data.layers[layer]`` instead of ``data.X``.
     chunk_size : int
         Number of cells read at a time.
+    cells : array-like of int or bool, optional
+        Compute the selection on these cells only (row indices, or a boolean mask over the
+        rows), e.g. the training cells of a backed file, without loading them into memory.
 
     Returns
     -------
@@ -191,6 +249,9 @@ def compute_hvgs(
         )
         raise ValueError(msg)
     n_cells, n_genes = data.shape
+    cells = _check_cells(cells, n_cells)
+    if cells is not None:
+        n_cells = int(cells.size)
     if n_cells < 2 or n_genes < 1:
         msg = (
             f"compute_hvgs needs at least 2 cells and 1 gene, got {n_cells} cells x {n_genes} genes"
@@ -198,7 +259,7 @@ def compute_hvgs(
         raise ValueError(msg)
 
     X = _matrix(data, layer)
-    counts_moments, log_moments, integer = _gene_moments(X, n_cells, n_genes, chunk_size)
+    counts_moments, log_moments, integer = _gene_moments(X, n_cells, n_genes, chunk_size, cells)
     if not integer:
         where = f"layers[{layer!r}]" if layer is not None else "X"
         msg = (

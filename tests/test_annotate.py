@@ -456,3 +456,36 @@ def test_override_values_are_validated(adata, state, kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         annotate(state, adata, silent=True, **kwargs)
     assert "ginseng_cell_type" not in adata.obs
+
+
+def test_cells_annotates_those_rows_of_the_input(adata, state, tmp_path):
+    """cells= gives the results of annotating adata[cells], for a backed file too, and in place
+    leaves the other rows missing."""
+    cells = np.array([3, 4, 10, 11, 12, 40, 69])
+    sub = adata[cells].copy()
+    ref_table, ref_probs = annotate(state, sub, return_table=True, return_probs=True, silent=True)
+    path = tmp_path / "in.h5ad"
+    adata.write_h5ad(path)
+    for src in (adata.copy(), anndata.read_h5ad(path, backed="r")):
+        table, probs = annotate(state, src, return_table=True, return_probs=True, cells=cells,
+                                batch_size=3, silent=True)
+        pd.testing.assert_frame_equal(table, ref_table)
+        pd.testing.assert_frame_equal(probs, ref_probs)
+    annotate(state, str(path), backed=True, cells=cells, output=tmp_path / "out.csv",
+             truth_key="cell_type", batch_size=4, silent=True)
+    written = pd.read_csv(tmp_path / "out.csv", dtype={"barcode": str})
+    np.testing.assert_array_equal(written.barcode, sub.obs_names)
+    np.testing.assert_array_equal(written.cell_type, ref_table.cell_type.astype(str))
+    rep = pd.read_csv(tmp_path / "out.report.csv").set_index("cell_type")
+    truth = sub.obs["cell_type"].astype(str)
+    for t in truth.unique():
+        assert rep.loc[t, "support"] == np.sum(truth == t)
+    inplace = adata.copy()
+    annotate(state, inplace, cells=cells, silent=True)
+    col = inplace.obs["ginseng_cell_type"]
+    assert col.isna().sum() == N_CELLS - len(cells)
+    np.testing.assert_array_equal(col.to_numpy()[cells].astype(str), ref_table.cell_type.astype(str))
+    assert np.isnan(inplace.obs["ginseng_confidence"].to_numpy()).sum() == N_CELLS - len(cells)
+    ds = pytest.importorskip("ginseng.data").GinsengDataset.create(tmp_path / "ds", adata, "cell_type", silent=True)
+    with pytest.raises(ValueError, match="cells= applies to an AnnData input"):
+        annotate(state, ds, cells=cells, silent=True)

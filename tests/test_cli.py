@@ -271,3 +271,39 @@ def test_processes_of_one_run_share_a_run_dir(monkeypatch):
     monkeypatch.setenv("GINSENG_NUM_PROCESSES", "2")
     with pytest.raises(SystemExit, match="GINSENG_RUN_DIR is not set"):
         launch._share_run_dir()
+
+
+@pytest.mark.parametrize("layer", [None, "counts"])
+def test_backed_run_streams_and_equals_the_in_memory_run(tiny_h5ad, tmp_path, monkeypatch, layer):
+    """data.backed=true builds the same dataset and model and the same test predictions as the
+    in-memory run, without ever loading the training or test cells as an AnnData of their own."""
+    path = tiny_h5ad
+    if layer is not None:  # counts in a layer, something else in X
+        import anndata
+
+        adata = anndata.read_h5ad(tiny_h5ad)
+        adata.layers["counts"] = adata.X.copy()
+        adata.X = adata.X * 0.5
+        path = tmp_path / "layered.h5ad"
+        adata.write_h5ad(path)
+    base = [f"data.path={path}", "genes.n_top_genes=30", "genes.min_mean=0.0", *TINY]
+    if layer is not None:
+        base.append(f"data.layer={layer}")
+    runs = {}
+    for backed in (False, True):
+        workdir = tmp_path / f"backed_{backed}"
+        workdir.mkdir()
+        if backed:
+            monkeypatch.setattr(tasks, "_subset", lambda *a, **k: pytest.fail("cells loaded into memory"))
+        tasks.run(_raw_compose(["task=train", f"data.backed={str(backed).lower()}", *base]), workdir)
+        runs[backed] = workdir
+    a, b = (GinsengDataset(runs[k] / "dataset.zarr") for k in (False, True))
+    assert list(a.genes) == list(b.genes) and a.n_cells == b.n_cells
+    np.testing.assert_array_equal(a.get_batch(np.arange(a.n_cells)), b.get_batch(np.arange(b.n_cells)))
+    np.testing.assert_array_equal(a.label_values[a.labels], b.label_values[b.labels])
+    sa, sb = (load_ginseng_state(runs[k] / "model.h5") for k in (False, True))
+    for name in sa.params:
+        np.testing.assert_array_equal(np.asarray(sa.params[name]["W"]), np.asarray(sb.params[name]["W"]))
+    pa, pb = (pd.read_csv(runs[k] / "test_predictions.csv") for k in (False, True))
+    pd.testing.assert_frame_equal(pa, pb)
+    assert (runs[True] / "test_report.csv").read_text() == (runs[False] / "test_report.csv").read_text()

@@ -338,3 +338,29 @@ def test_get_batch_index_errors(tmp_path, small_adata):
         ds.get_batch([400])
     with pytest.raises(ValueError, match="split must be one of"):
         len(ds.__len__("test"))
+
+
+@pytest.mark.parametrize("kind", ["numpy", "csr", "backed"])
+def test_create_from_selected_cells(tmp_path, kind):
+    """cells= keeps those input rows (labels and groups given per input row), nothing else read
+    into the dataset; a bad selection is refused and nothing written."""
+    adata = make_counts(n_cells=120, n_genes=30, sparse=True)
+    adata.obs["donor"] = np.repeat(["d1", "d2", "d3"], 40)
+    X = _dense(adata.X)
+    cells = np.sort(np.random.default_rng(1).choice(120, 50, replace=False))
+    src = {"numpy": X, "csr": sp.csr_matrix(X)}.get(kind)
+    labels, groups = adata.obs["cell_type"].to_numpy(), adata.obs["donor"].to_numpy()
+    if kind == "backed":
+        adata.write_h5ad(tmp_path / "in.h5ad")
+        src, labels, groups = anndata.read_h5ad(tmp_path / "in.h5ad", backed="r"), "cell_type", "donor"
+    ds = GinsengDataset.create(tmp_path / "ds.zarr", src, labels, groups=groups, cells=cells,
+                               chunk_size=8, silent=True)
+    assert ds.n_cells == 50
+    np.testing.assert_array_equal(ds.get_batch(np.arange(50)), X[cells])
+    np.testing.assert_array_equal(ds.label_values[ds.labels], adata.obs["cell_type"].to_numpy()[cells])
+    np.testing.assert_array_equal(ds.groups, adata.obs["donor"].to_numpy()[cells])
+    with pytest.raises(ValueError, match=r"cells must be row indices in \[0, 120\)"):
+        GinsengDataset.create(tmp_path / "bad.zarr", src, labels, cells=[5, 120], silent=True)
+    assert not (tmp_path / "bad.zarr").exists()
+    if kind == "backed":
+        src.file.close()

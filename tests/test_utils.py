@@ -175,3 +175,31 @@ def test_pbmc3k_backed(pbmc3k_path):
     compute_hvgs(backed, n_top_genes=2000, max_mean=3.0, chunk_size=1000)
     assert "LYZ" not in set(backed.var_names[backed.var["ginseng_genes"].to_numpy()])
     backed.file.close()
+
+
+def test_cells_select_rows_without_copying_them(adata, tmp_path):
+    """compute_hvgs(cells=...) on the whole (backed) matrix equals compute_hvgs on the subset."""
+    rng = np.random.default_rng(0)
+    for cells in (np.sort(rng.choice(300, 240, replace=False)), np.sort(rng.choice(300, 12, replace=False)),
+                  rng.random(300) < 0.5):
+        rows = np.flatnonzero(cells) if cells.dtype == bool else cells
+        sub = adata[rows].copy()
+        compute_hvgs(sub, n_top_genes=N_TOP)
+        expected = sub.var["ginseng_genes"].to_numpy()
+        whole = adata.copy()
+        compute_hvgs(whole, n_top_genes=N_TOP, cells=cells, chunk_size=7)
+        np.testing.assert_array_equal(whole.var["ginseng_genes"].to_numpy(), expected)
+        path = tmp_path / "sparse.h5ad"
+        anndata.AnnData(sp.csr_matrix(adata.X), var=adata.var.copy()).write_h5ad(path)
+        backed = anndata.read_h5ad(path, backed="r")
+        compute_hvgs(backed, n_top_genes=N_TOP, cells=cells, chunk_size=5)
+        np.testing.assert_array_equal(backed.var["ginseng_genes"].to_numpy(), expected)
+        backed.file.close()
+    with pytest.raises(ValueError, match=r"cells must be row indices in \[0, 300\), found min 0 max 300"):
+        compute_hvgs(adata.copy(), cells=[0, 300])
+    with pytest.raises(ValueError, match="cells has 1 repeated row indices"):
+        compute_hvgs(adata.copy(), cells=[3, 3, 4])
+    with pytest.raises(ValueError, match="boolean mask needs 300 entries"):
+        compute_hvgs(adata.copy(), cells=np.ones(5, bool))
+    with pytest.raises(ValueError, match="integer row indices or a boolean mask, found dtype <U1"):
+        compute_hvgs(adata.copy(), cells=np.array(["a", "b"]))
