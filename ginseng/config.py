@@ -174,8 +174,8 @@ class ModelConfig:
     hidden_dim: int = 256
     """Width of the hidden layers."""
 
-    dropout_rate: float = 0.25
-    """Dropout probability during training."""
+    dropout_rate: float = 0.1
+    """Dropout probability during training (0.1: see GinsengTrainerSettings.dropout_rate)."""
 
     normalize: bool = True
     """Normalize every cell to ``target_sum`` counts and log1p before the network."""

@@ -44,7 +44,7 @@ class GinsengModelState:
     target_sum : float
         Target sum used for normalization (None: the number of genes).
     dropout_rate : float
-        Dropout probability applied during training.
+        Dropout probability applied during training (and by annotate's Monte Carlo dropout).
     training : bool
         If True, model weighted should not be frozen.
     """
@@ -55,7 +55,7 @@ class GinsengModelState:
     label_values: np.ndarray
     normalize: bool = True
     target_sum: float | None = None
-    dropout_rate: float = 0.25
+    dropout_rate: float = 0.1
     training: bool = False
 
     def __repr__(self) -> str:

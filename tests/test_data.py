@@ -61,6 +61,13 @@ def test_multi_run_write_round_trip_and_input_passes(tmp_path, monkeypatch, kind
         "X", "genes", "label_values", "labels", "order", "zarr.json"
     ]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    # the same with a selection of cells (every third row, and the last)
+    cells = np.r_[np.arange(0, 299, 3), 299]
+    ds = GinsengDataset.create(
+        tmp_path / "sel.zarr", src if not kind.startswith("backed") else anndata.read_h5ad(tmp_path / "in.h5ad", backed="r"),
+        adata.obs["cell_type"].to_numpy(), chunk_size=7, gene_mask=mask, cells=cells, seed=5, silent=True,
+    )
+    np.testing.assert_array_equal(ds.get_batch(np.arange(len(cells))), X[cells][:, mask])
 
 
 @pytest.mark.parametrize("shuffle", [True, False])
