@@ -969,6 +969,15 @@ class GinsengDataset:
         )
 
     def _persist_split(self, train: np.ndarray, holdout: np.ndarray, params: dict) -> None:
+        # The same split again (every run with the same seed and settings): nothing to write, so
+        # runs sharing a dataset never rewrite it under each other, and a read-only store works.
+        if (
+            self.attrs.get("split")
+            and self.attrs.get("split_params") == params
+            and np.array_equal(self.train_indices, train)
+            and np.array_equal(self.holdout_indices, holdout)
+        ):
+            return
         # New arrays first, then flip the attribute that names the live split, then drop the old:
         # a crash at any point leaves a store whose live split is complete.
         root = zarr.open_group(zarr.storage.LocalStore(self.path), mode="r+")

@@ -201,8 +201,12 @@ def test_make_holdout_per_label(tmp_path, small_adata):
     np.testing.assert_array_equal(again.holdout_indices, ds.holdout_indices)
     np.testing.assert_array_equal(again.train_indices, ds.train_indices)
     first = ds.holdout_indices.copy()
+    live = ds.attrs["split"]
     ds.make_holdout(0.2, rng=np.random.default_rng(5))
     np.testing.assert_array_equal(ds.holdout_indices, first)
+    # The same split again leaves the store untouched (the live split keeps its name): runs
+    # sharing a dataset (a sweep over model settings) do not rewrite it under each other.
+    assert GinsengDataset(tmp_path / "d").attrs["split"] == live
     ds.make_holdout(0.2, rng=6)
     assert not np.array_equal(ds.holdout_indices, first)
     # Only the live split is kept in the store.
