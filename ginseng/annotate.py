@@ -922,11 +922,12 @@ def annotate(
                         f"available columns: {list(map(str, source.obs.columns))}"
                     )
                     raise ValueError(msg)
-                cat = pd.Categorical(np.asarray(source.obs[truth_key]).astype(str))
+                truth = np.asarray(source.obs[truth_key])
+                if cells is not None:  # only the labels of the cells annotated are reported
+                    truth = truth[cells]
+                cat = pd.Categorical(truth.astype(str))
                 t_codes = cat.codes.astype(np.int64)
                 truth_labels = [str(c) for c in cat.categories]
-            if cells is not None:
-                t_codes = t_codes[cells]
             truth_of = lambda rows: t_codes[rows]
 
         # ---- devices, batch shape, forward ----

@@ -133,6 +133,11 @@ def _as_generator(rng) -> np.random.Generator:
     return np.random.default_rng(_as_seed(rng))
 
 
+def _is_sparse_dataset(X) -> bool:
+    """A backed (on-disk) sparse matrix of anndata: read by rows without densifying."""
+    return getattr(X, "format", None) in ("csr", "csc") and not isinstance(X, np.ndarray)
+
+
 def _encode_labels(values, what: str) -> tuple[np.ndarray, np.ndarray]:
     """(codes int32, sorted unique values) for a label-like array; refuses missing values.
 
@@ -198,7 +203,9 @@ class _Source:
         return self.X[np.ix_(idx, self.columns)]
 
     def block_rows(self, itemsize: int = 4) -> int:
-        return max(1, min(self.n_rows, _READ_BLOCK_BYTES // max(1, self.n_cols * itemsize)))
+        # A dense input is read with all its columns before the gene mask drops some.
+        cols = self.n_cols if sp.issparse(self.X) or _is_sparse_dataset(self.X) else int(self.X.shape[1])
+        return max(1, min(self.n_rows, _READ_BLOCK_BYTES // max(1, cols * itemsize)))
 
     def blocks(self, desc: str, silent: bool):
         step = self.block_rows()
@@ -482,7 +489,8 @@ class GinsengDataset:
         cells : array-like of int or bool, optional
             Keep only these input rows (row indices or a boolean mask), e.g. the training cells
             of a backed file, read block by block without loading the rest. ``labels`` and
-            ``groups`` still give one value per input row. Dataset index i is the i-th kept row.
+            ``groups`` still give one value per input row. The rows are taken in input order
+            (indices are sorted): dataset index i is the i-th kept row.
         shuffle : bool
             Store rows in a seeded random permutation (fast shuffled epochs). Indices stay original.
         seed : int
@@ -969,19 +977,22 @@ class GinsengDataset:
         )
 
     def _persist_split(self, train: np.ndarray, holdout: np.ndarray, params: dict) -> None:
-        # The same split again (every run with the same seed and settings): nothing to write, so
-        # runs sharing a dataset never rewrite it under each other, and a read-only store works.
+        root = zarr.open_group(zarr.storage.LocalStore(self.path), mode="r+")
+        old = root.attrs.get("split")
+        # The same split as the one on disk now (every run with the same seed and settings):
+        # nothing to write, so runs sharing a dataset do not rewrite it under each other. Compared
+        # with the store, not with what this object read when it was opened.
         if (
-            self.attrs.get("split")
-            and self.attrs.get("split_params") == params
-            and np.array_equal(self.train_indices, train)
-            and np.array_equal(self.holdout_indices, holdout)
+            old
+            and old in root
+            and root.attrs.get("split_params") == params
+            and np.array_equal(np.asarray(root[f"{old}/train"][:]), train)
+            and np.array_equal(np.asarray(root[f"{old}/holdout"][:]), holdout)
         ):
+            self._open()
             return
         # New arrays first, then flip the attribute that names the live split, then drop the old:
         # a crash at any point leaves a store whose live split is complete.
-        root = zarr.open_group(zarr.storage.LocalStore(self.path), mode="r+")
-        old = root.attrs.get("split")
         name = f"split_{uuid.uuid4().hex[:12]}"
         grp = root.create_group(name)
         cfg = _ARRAY_CONFIG

@@ -49,12 +49,12 @@ def _check_cells(cells, n_obs: int) -> np.ndarray | None:
 
 def _row_block(X, start: int, stop: int, cells: np.ndarray | None = None):
     """Rows [start, stop) of ``X``; with ``cells`` (sorted unique row indices), the rows
-    ``cells[start:stop]``, read as contiguous input ranges of at most twice the block's rows
-    (so a sparse selection of a backed matrix is never read in one huge slice)."""
+    ``cells[start:stop]``, read as contiguous input ranges of at most the block's number of rows
+    (so a scattered selection of a backed matrix is never read in one huge slice)."""
     if cells is None:
         return X[start:stop]
     want = cells[start:stop]
-    span = max(1, 2 * (stop - start))
+    span = max(1, stop - start)
     pieces = []
     i = 0
     while i < want.size:
@@ -103,6 +103,9 @@ def _gene_moments(X, n_cells: int, n_genes: int, chunk_size: int, cells: np.ndar
     s_log = np.zeros(n_genes)
     ss_log = np.zeros(n_genes)
     integer = True
+    if not (sp.issparse(X) or getattr(X, "format", None) in ("csr", "csc")):
+        # Dense blocks become float64 (and a few temporaries of that size): keep one ~256 MB.
+        chunk_size = max(1, min(chunk_size, (256 << 20) // max(1, 8 * n_genes)))
     for start in range(0, n_cells, chunk_size):
         stop = min(start + chunk_size, n_cells)
         block = _row_block(X, start, stop, cells)

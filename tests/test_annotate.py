@@ -480,6 +480,14 @@ def test_cells_annotates_those_rows_of_the_input(adata, state, tmp_path):
     truth = sub.obs["cell_type"].astype(str)
     for t in truth.unique():
         assert rep.loc[t, "support"] == np.sum(truth == t)
+    # a label found only outside the selection is not in the report
+    marked = adata.copy()
+    marked.obs["cell_type"] = marked.obs["cell_type"].astype(str)
+    marked.obs.iloc[0, marked.obs.columns.get_loc("cell_type")] = "elsewhere"
+    annotate(state, marked, cells=cells, truth_key="cell_type", report_dir=tmp_path, silent=True)
+    rep = pd.read_csv(tmp_path / "annotate_report.csv")
+    assert "elsewhere" not in set(rep["cell_type"].astype(str))
+    assert set(truth) <= set(rep["cell_type"].astype(str))
     inplace = adata.copy()
     annotate(state, inplace, cells=cells, silent=True)
     col = inplace.obs["ginseng_cell_type"]

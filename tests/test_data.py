@@ -50,9 +50,11 @@ def test_multi_run_write_round_trip_and_input_passes(tmp_path, monkeypatch, kind
     )
     if kind.startswith("backed"):
         src.file.close()
-        # 300 rows in 50-row blocks: 6 reads for the value check, then 6 for the bucket pass,
-        # or 6 per run of 35 stored rows (9 runs) without the spill
-        assert sorted(reads) == sorted(list(range(0, 300, 50)) * (2 if spill else 10))
+        # 300 rows in 50-row blocks (a dense input is read with all 40 columns: 32-row blocks):
+        # one pass for the value check, then one for the bucket pass, or one per run of 35
+        # stored rows (9 runs) without the spill
+        step = 32 if kind == "backed_dense" else 50
+        assert sorted(reads) == sorted(list(range(0, 300, step)) * (2 if spill else 10))
     order = np.asarray(ds.root["order"][:])
     assert not np.array_equal(order, np.arange(300))
     np.testing.assert_array_equal(np.asarray(ds.root["X"][:]), X[order][:, mask])
@@ -207,6 +209,13 @@ def test_make_holdout_per_label(tmp_path, small_adata):
     # The same split again leaves the store untouched (the live split keeps its name): runs
     # sharing a dataset (a sweep over model settings) do not rewrite it under each other.
     assert GinsengDataset(tmp_path / "d").attrs["split"] == live
+    # ... compared with the store, not with this object's copy: another run's split in between
+    # (a second object on the same store) is replaced, and both objects agree with the store.
+    other = GinsengDataset(tmp_path / "d")
+    other.make_holdout(0.2, rng=9)
+    ds.make_holdout(0.2, rng=np.random.default_rng(5))
+    np.testing.assert_array_equal(GinsengDataset(tmp_path / "d").holdout_indices, first)
+    np.testing.assert_array_equal(ds.holdout_indices, first)
     ds.make_holdout(0.2, rng=6)
     assert not np.array_equal(ds.holdout_indices, first)
     # Only the live split is kept in the store.
