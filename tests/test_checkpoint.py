@@ -550,8 +550,10 @@ def test_two_processes_sigkill_both_then_resume_is_bit_identical(store, tmp_path
 @pytest.mark.parametrize("victim", [1, 0])
 def test_sigterm_to_one_process_stops_both_at_one_step(store, tmp_path, mp_reference, victim):
     ckpt, out = tmp_path / "ckpt", tmp_path / "run.npz"
+    # 0.25 s a step: after the 5th of 28 steps the run has >5 s left, so the signal lands before
+    # it ends even when a loaded machine delays this process (0.03 s failed once under load).
     procs = _spawn(store, out, ckpt, epochs=MP_EPOCHS, nproc=2, devices_per_process=2,
-                   extra=("--progress", "--step-delay", "0.03"))
+                   extra=("--progress", "--step-delay", "0.25"))
     try:
         _wait_steps(procs, 5)
         procs[victim].send_signal(signal.SIGTERM)
