@@ -280,9 +280,9 @@ def _read_str_array(arr) -> np.ndarray:
 class Batch(NamedTuple):
     """One process's rows of a global batch.
 
-    x (float32 [local_rows, n_genes]), y (int32 [local_rows]), slot (int32: the row's position in
-    the GLOBAL batch), mask (bool: False for padding), index (int64: original cell index, -1 for
-    padding).
+    x ([local_rows, n_genes]: float32, or the store's own dtype with ``dtype=None``), y (int32
+    [local_rows]), slot (int32: the row's position in the GLOBAL batch), mask (bool: False for
+    padding), index (int64: original cell index, -1 for padding).
     """
 
     x: np.ndarray
@@ -1076,6 +1076,7 @@ class GinsengDataset:
         process_index=0,
         process_count=1,
         prefetch=2,
+        dtype=np.float32,
     ) -> BatchLoader:
         """A :class:`BatchLoader` over ``split`` (see its docstring)."""
         return BatchLoader(
@@ -1089,6 +1090,7 @@ class GinsengDataset:
             process_index=process_index,
             process_count=process_count,
             prefetch=prefetch,
+            dtype=dtype,
         )
 
     def iter_batches(self, batch_size, shuffle=False, rng=None, split="all", balance_train=False):
@@ -1144,6 +1146,10 @@ class BatchLoader:
     Global batch b holds epoch cells [b*batch_size, (b+1)*batch_size) in slots 0.., then padding
     up to ``global_batch``; process p gets slots [p*local_rows, (p+1)*local_rows) and reads only
     those rows, on a background thread that runs ``prefetch`` batches ahead.
+
+    ``dtype`` is the dtype of ``Batch.x``: float32 by default; ``None`` keeps the store's own
+    (uint16 or uint32 counts), which is what the trainer asks for: half the bytes of float32 to
+    copy to the device, and no conversion on the host (the step converts, exactly).
     """
 
     def __init__(
@@ -1159,6 +1165,7 @@ class BatchLoader:
         process_index=0,
         process_count=1,
         prefetch=2,
+        dtype=np.float32,
     ):
         _check_batch_size(batch_size)
         if split not in SPLITS:
@@ -1179,6 +1186,7 @@ class BatchLoader:
         self.process_index = int(process_index)
         self.process_count = int(process_count)
         self.prefetch = max(1, int(prefetch))
+        self.dtype = np.dtype(dataset._X.dtype.numpy_dtype if dtype is None else dtype)
         unit = int(pad_multiple) * self.process_count
         self.global_batch = math.ceil(self.batch_size / unit) * unit
         self.local_rows = self.global_batch // self.process_count
@@ -1321,10 +1329,11 @@ class BatchLoader:
                     refill()
                     for index, slot, mask in layouts:
                         if mask.all():
-                            x = buf[pos[np.searchsorted(rows, ds._rank[index])]].astype(np.float32)
+                            x = buf[pos[np.searchsorted(rows, ds._rank[index])]]
+                            x = x.astype(self.dtype, copy=False)
                             y = ds.labels[index]
                         else:
-                            x = np.zeros((self.local_rows, ds.n_genes), dtype=np.float32)
+                            x = np.zeros((self.local_rows, ds.n_genes), dtype=self.dtype)
                             y = np.zeros(self.local_rows, dtype=np.int32)
                             if mask.any():
                                 real = index[mask]

@@ -40,6 +40,23 @@ def test_train_epoch_covers_each_cell_once(ds):
         np.testing.assert_array_equal(b.y[b.mask], ds.labels[real])
 
 
+def test_dtype_none_keeps_the_stored_counts(ds):
+    # What the trainer asks for: the store's own integer counts (half the bytes of float32), the
+    # same cells and values as the default float32 batches, padding rows included.
+    assert ds._X.dtype.numpy_dtype == np.uint16
+    kw = {"split": "train", "seed": 4, "pad_multiple": 8}
+    as_float = _collect(ds.loader(50, **kw))
+    stored = _collect(ds.loader(50, dtype=None, **kw))
+    assert len(stored) == len(as_float) and not stored[-1].mask.all()
+    for a, b in zip(as_float, stored, strict=True):
+        assert a.x.dtype == np.float32 and b.x.dtype == np.uint16
+        np.testing.assert_array_equal(a.index, b.index)
+        np.testing.assert_array_equal(a.y, b.y)
+        np.testing.assert_array_equal(a.x, b.x.astype(np.float32))
+    # An explicit dtype is honoured too.
+    assert _collect(ds.loader(50, dtype=np.float64, **kw))[0].x.dtype == np.float64
+
+
 def test_holdout_and_all_splits(ds):
     seen = np.concatenate(
         [b.index[b.mask] for b in ds.loader(64, split="holdout", shuffle=False).epoch(0)]

@@ -191,6 +191,34 @@ def test_cosine_schedule_spans_the_given_steps():
     assert 0 < _max_diff(p_long, p_flat) < 0.01 * _max_diff(p_short, p_flat)
 
 
+def test_step_on_stored_integer_counts_equals_float32_bit_for_bit():
+    # The trainer ships counts as stored (uint16) and converts on the device; the host used to
+    # convert to float32 first. Both must give the same model, on 1 and on 4 devices, padded rows
+    # included (10 real rows on 4 devices: 2 padding rows).
+    batches = _batches(10, 2)
+
+    def run(devices, dtype):
+        mesh = make_mesh(devices)
+        params, opt = _build_init(SETTINGS, mesh, N_GENES, N_CLASSES)(jax.random.key(0))
+        key = jax.random.wrap_key_data(_replicate(jax.random.key_data(jax.random.key(5)), mesh))
+        step = _build_train_step(SETTINGS, mesh, total_steps=len(batches))
+        ev = _build_eval_step(SETTINGS, mesh)
+        metrics = _replicate(np.zeros(2, np.float32), mesh)
+        rows = -(-10 // len(devices)) * len(devices)
+        for x, y in batches:
+            b = _pad(x, y, rows)
+            arrays = _global_arrays(b._replace(x=b.x.astype(dtype)), mesh, rows)
+            assert arrays[0].dtype == dtype
+            params, opt, metrics = step(params, opt, metrics, key, *arrays)
+        evm = ev(params, _replicate(np.zeros(3, np.float32), mesh), arrays[0], arrays[1], arrays[3])
+        return _to_host(params), _to_host(metrics), _to_host(evm)
+
+    for devices in (jax.devices()[:1], jax.devices()):
+        as_float = run(devices, np.float32)
+        as_uint16 = run(devices, np.uint16)
+        assert _identical(as_float, as_uint16)
+
+
 def test_steps_are_bit_identical_run_after_run():
     batches = _batches(9, 3)
     a = _run_steps(SETTINGS, jax.devices(), batches)
@@ -282,7 +310,8 @@ class MemoryDataset:
             self.holdout_indices, self.train_indices = np.sort(perm[:k]), np.sort(perm[k:])
 
     def loader(self, batch_size, *, split="train", shuffle=True, balance=False, seed=0,
-               pad_multiple=1, process_index=0, process_count=1, prefetch=2):
+               pad_multiple=1, process_index=0, process_count=1, prefetch=2, dtype=np.float32):
+        # Yields float32 whatever ``dtype`` asks for: the trainer must take either.
         idx = self.train_indices if split == "train" else self.holdout_indices
         return MemoryLoader(self, idx, batch_size, shuffle, seed, pad_multiple, process_index, process_count)
 
