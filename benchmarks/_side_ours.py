@@ -70,7 +70,7 @@ def loader(a):
     return res
 
 
-def ceiling(settings, ds, n_steps):
+def ceiling(settings, ds, n_steps, x_dtype=np.float32):
     """The jitted train step alone, fed the same in-memory device batch every step."""
     mesh = T.make_mesh()
     step = T._build_train_step(settings, mesh, total_steps=n_steps + 3)
@@ -78,7 +78,7 @@ def ceiling(settings, ds, n_steps):
     key = jax.random.key(1)
     bs = settings.batch_size
     idx = np.asarray(ds.train_indices[:bs])
-    x = jax.device_put(np.asarray(ds.get_batch(idx), np.float32))
+    x = jax.device_put(np.asarray(ds.get_batch(idx), x_dtype))
     y = jax.device_put(np.asarray(ds.labels[idx], np.int32))
     slot = jax.device_put(np.arange(bs, dtype=np.int32))
     mask = jax.device_put(np.ones(bs, bool))
@@ -93,12 +93,13 @@ def ceiling(settings, ds, n_steps):
     return n_steps * bs / (time.perf_counter() - t0)
 
 
-def train(a):
-    ds, create_s = build(a, "ours_train_ds")
-    settings = T.GinsengTrainerSettings(
-        batch_size=a.batch_size, hidden_dim=256, balance_train=False
-    )
-    ceil_before = ceiling(settings, ds, a.ceiling_steps)
+def timed_train(ds, settings, epochs, ceiling_steps, x_dtype=None):
+    """GinsengTrainer on ``ds`` with per-epoch time stamps, and the step ceiling before and after.
+
+    ``x_dtype`` forces the loader's batch dtype (e.g. float32, what the trainer shipped before it
+    sent the stored counts); None leaves the trainer's own choice.
+    """
+    ceil_before = ceiling(settings, ds, ceiling_steps)
     stamps = []
     orig = T.GinsengLogger.update
 
@@ -112,6 +113,8 @@ def train(a):
     orig_loader = GinsengDataset.loader
 
     def loader_(self, *args, **kw):
+        if x_dtype is not None:
+            kw["dtype"] = x_dtype
         ld = orig_loader(self, *args, **kw)
         if kw.get("split") == "holdout":
             orig_epoch = ld.epoch
@@ -125,12 +128,14 @@ def train(a):
 
     T.GinsengLogger.update = update
     GinsengDataset.loader = loader_
-    t0 = time.perf_counter()
-    logger, _ = T.GinsengTrainer(ds, settings=settings, epochs=a.epochs, silent=True)
-    wall = time.perf_counter() - t0
-    T.GinsengLogger.update = orig
-    GinsengDataset.loader = orig_loader
-    ceil_after = ceiling(settings, ds, a.ceiling_steps)
+    try:
+        t0 = time.perf_counter()
+        logger, _ = T.GinsengTrainer(ds, settings=settings, epochs=epochs, silent=True)
+        wall = time.perf_counter() - t0
+    finally:
+        T.GinsengLogger.update = orig
+        GinsengDataset.loader = orig_loader
+    ceil_after = ceiling(settings, ds, ceiling_steps)
     n_train = len(ds.train_indices)
     epoch_s = np.diff([t0] + stamps)
     steady = epoch_s[1:] if len(epoch_s) > 1 else epoch_s
@@ -144,11 +149,12 @@ def train(a):
     return {
         "tool": "ginseng (ours)",
         "task": "train",
+        "batch_size": settings.batch_size,
+        "x_dtype": "stored" if x_dtype is None else np.dtype(x_dtype).name,
         "train_cells": n_train,
-        "epochs": a.epochs,
+        "epochs": epochs,
         "epoch_s": epoch_s.tolist(),
         "wall_s": wall,
-        "create_s": create_s,
         "cells_per_s": rate,
         "train_only_s": train_s.tolist(),
         "train_only_cells_per_s": train_rate,
@@ -158,6 +164,16 @@ def train(a):
         "holdout_accuracy": float(logger.holdout_accuracy[-1]),
         "devices": [str(d) for d in jax.devices()],
     }
+
+
+def train(a):
+    ds, create_s = build(a, "ours_train_ds")
+    settings = T.GinsengTrainerSettings(
+        batch_size=a.batch_size, hidden_dim=256, balance_train=False
+    )
+    res = timed_train(ds, settings, a.epochs, a.ceiling_steps)
+    res["create_s"] = create_s
+    return res
 
 
 def main():
