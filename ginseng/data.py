@@ -22,10 +22,12 @@ import json
 import math
 import os
 import shutil
+import threading
 import uuid
 import warnings
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -70,6 +72,8 @@ _READ_BLOCK_BYTES = 64 << 20
 _SPILL_MIN_RUNS = 8
 # Decoded bytes of whole-chunk reads the loader keeps in flight (bounded memory, enough overlap).
 _INFLIGHT_BYTES = 64 << 20
+# Threads that copy decoded chunks and gather batch rows (see _assembly_workers).
+_MAX_ASSEMBLY_WORKERS = 4
 # Every chunk of every array is written, even an all-zero one (zarr skips those by default), so a
 # missing chunk file always means damage: stores carrying this attribute are read with
 # TensorStore's fill_missing_data_reads=False and their small arrays are checked on open,
@@ -1077,6 +1081,7 @@ class GinsengDataset:
         process_count=1,
         prefetch=2,
         dtype=np.float32,
+        workers=None,
     ) -> BatchLoader:
         """A :class:`BatchLoader` over ``split`` (see its docstring)."""
         return BatchLoader(
@@ -1091,6 +1096,7 @@ class GinsengDataset:
             process_count=process_count,
             prefetch=prefetch,
             dtype=dtype,
+            workers=workers,
         )
 
     def iter_batches(self, batch_size, shuffle=False, rng=None, split="all", balance_train=False):
@@ -1132,6 +1138,36 @@ class GinsengDataset:
                 yield b.x[b.mask], b.y[b.mask]
 
 
+class _Done:
+    """A finished result with the ``result()`` of a future (work done inline, without a pool)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+def _take_rows(arr: np.ndarray, sel: np.ndarray, out: np.ndarray) -> np.ndarray:
+    return np.take(arr, sel, axis=0, out=out)
+
+
+def _assembly_workers() -> int:
+    """Threads assembling batches: a quarter of the CPUs this process may use, at most 4.
+
+    The CPUs it may use (``sched_getaffinity``: a SLURM job's binding), not the machine's; the
+    rest are left to TensorStore's decoding, the training loop and JAX. 0 below 8 CPUs: then
+    the loader thread assembles inline.
+    """
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    return min(_MAX_ASSEMBLY_WORKERS, n // 4) if n >= 8 else 0
+
+
 class BatchLoader:
     """Batches of one split, deterministic given (seed, epoch), independent of process count.
 
@@ -1146,6 +1182,10 @@ class BatchLoader:
     Global batch b holds epoch cells [b*batch_size, (b+1)*batch_size) in slots 0.., then padding
     up to ``global_batch``; process p gets slots [p*local_rows, (p+1)*local_rows) and reads only
     those rows, on a background thread that runs ``prefetch`` batches ahead.
+
+    ``workers`` threads copy and gather rows (default: from the CPUs this process may use, see
+    ``_assembly_workers``; 0 or 1 assembles on the loader thread). They change nothing in the
+    batches, only how fast they come.
 
     ``dtype`` is the dtype of ``Batch.x``: float32 by default; ``None`` keeps the store's own
     (uint16 or uint32 counts), which is what the trainer asks for: half the bytes of float32 to
@@ -1166,6 +1206,7 @@ class BatchLoader:
         process_count=1,
         prefetch=2,
         dtype=np.float32,
+        workers=None,
     ):
         _check_batch_size(batch_size)
         if split not in SPLITS:
@@ -1187,6 +1228,10 @@ class BatchLoader:
         self.process_count = int(process_count)
         self.prefetch = max(1, int(prefetch))
         self.dtype = np.dtype(dataset._X.dtype.numpy_dtype if dtype is None else dtype)
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+            msg = f"workers must be an integer >= 0 or None, found {workers!r}"
+            raise ValueError(msg)
+        self.workers = _assembly_workers() if workers is None else int(workers)
         unit = int(pad_multiple) * self.process_count
         self.global_batch = math.ceil(self.batch_size / unit) * unit
         self.local_rows = self.global_batch // self.process_count
@@ -1294,6 +1339,30 @@ class BatchLoader:
                         inflight.append(ds._X[c * R : min(n_cells, (c + 1) * R)].read())
 
             whole_buf = None
+            # Copies into the group buffer and gathers of batch rows run on `workers` threads
+            # (numpy releases the GIL while copying); inline on small machines.
+            pool = (
+                ThreadPoolExecutor(self.workers, thread_name_prefix="ginseng-assemble")
+                if self.workers > 1
+                else None
+            )
+            window = 2 * self.workers if pool is not None else 1  # batch gathers in flight
+            local_shape = (self.local_rows, ds.n_genes)
+            scratch = threading.local()  # per thread: gathered stored rows to convert
+
+            def run(fn, *args):
+                return pool.submit(fn, *args) if pool is not None else _Done(fn(*args))
+
+            def gather(buf, pos, rows, index, x):
+                at = pos[np.searchsorted(rows, ds._rank[index])]
+                if x.dtype == buf.dtype:
+                    return np.take(buf, at, axis=0, out=x)
+                tmp = getattr(scratch, "rows", None)
+                if tmp is None or tmp.shape != x.shape or tmp.dtype != buf.dtype:
+                    tmp = scratch.rows = np.empty(x.shape, dtype=buf.dtype)
+                np.copyto(x, np.take(buf, at, axis=0, out=tmp))
+                return x
+
             try:
                 for _ in groups:
                     if not infos:
@@ -1313,9 +1382,11 @@ class BatchLoader:
                         base += size if whole else hi - lo
                     # One buffer for the whole epoch, grown when a group needs more: a fresh
                     # 64 MB allocation per group cost as much in page faults as decoding it.
+                    # (Every gather of the previous group has finished before it is rewritten.)
                     if whole_buf is None or whole_buf.shape[0] < base:
                         whole_buf = np.empty((base, ds.n_genes), dtype=ds._X.dtype.numpy_dtype)
                     buf = whole_buf[:base]
+                    copies = []
                     for c, lo, hi, start, whole in spans:
                         refill()
                         try:
@@ -1323,24 +1394,38 @@ class BatchLoader:
                         except ValueError as err:  # a missing or undecodable chunk
                             raise ds._damaged("reading counts", err) from err
                         if whole:
-                            buf[start : start + arr.shape[0]] = arr
+                            copies.append(run(np.copyto, buf[start : start + arr.shape[0]], arr))
                         else:
-                            buf[start : start + hi - lo] = arr[rows[lo:hi] - c * R]
+                            dst = buf[start : start + hi - lo]
+                            copies.append(run(_take_rows, arr, rows[lo:hi] - c * R, dst))
                     refill()
+                    for f in copies:
+                        f.result()
+                    pending: deque = deque()
                     for index, slot, mask in layouts:
                         if mask.all():
-                            x = buf[pos[np.searchsorted(rows, ds._rank[index])]]
-                            x = x.astype(self.dtype, copy=False)
+                            x = np.empty(local_shape, dtype=self.dtype)
+                            x = run(gather, buf, pos, rows, index, x)
                             y = ds.labels[index]
                         else:
-                            x = np.zeros((self.local_rows, ds.n_genes), dtype=self.dtype)
+                            x = np.zeros(local_shape, dtype=self.dtype)
                             y = np.zeros(self.local_rows, dtype=np.int32)
                             if mask.any():
                                 real = index[mask]
                                 x[mask] = buf[pos[np.searchsorted(rows, ds._rank[real])]]
                                 y[mask] = ds.labels[real]
-                        yield Batch(x, y, slot, mask, index)
+                            x = _Done(x)
+                        pending.append((x, y, slot, mask, index))
+                        del x
+                        while len(pending) > window:
+                            x, y, slot, mask, index = pending.popleft()
+                            yield Batch(x.result(), y, slot, mask, index)
+                    while pending:
+                        x, y, slot, mask, index = pending.popleft()
+                        yield Batch(x.result(), y, slot, mask, index)
             finally:
                 inflight.clear()  # closed early: drop the reads still in flight
+                if pool is not None:
+                    pool.shutdown(wait=True, cancel_futures=True)
 
         yield from background(work, depth=self.prefetch, name="ginseng-loader")

@@ -57,6 +57,42 @@ def test_dtype_none_keeps_the_stored_counts(ds):
     assert _collect(ds.loader(50, dtype=np.float64, **kw))[0].x.dtype == np.float64
 
 
+@pytest.mark.parametrize("dtype", [np.float32, None])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"split": "train", "pad_multiple": 8},  # a padded last batch
+        {"split": "holdout", "shuffle": False},  # sparsely needed chunks: only their rows copied
+        {"split": "all", "balance": True, "process_index": 1, "process_count": 2},
+    ],
+)
+def test_assembly_threads_change_nothing(ds, monkeypatch, dtype, kw):
+    # Small windows: many groups, so the group buffer is rewritten while worker threads run,
+    # and a batch gathered from a stale or half-copied buffer would show. Batches consumed and
+    # dropped, and batches kept, must all equal the inline assembly's.
+    monkeypatch.setattr(gdata, "_WINDOW_ROWS", 64)
+    monkeypatch.setattr(gdata, "_INFLIGHT_BYTES", 1)
+    inline = [(b.index.copy(), b.x.copy(), b.y.copy(), b.mask.copy())
+              for b in ds.loader(16, seed=3, dtype=dtype, workers=0, **kw).epoch(2)]
+    assert len(inline) > 4
+    for workers in (1, 3):
+        ld = ds.loader(16, seed=3, dtype=dtype, workers=workers, **kw)
+        assert ld.workers == workers
+        got = [(b.index.copy(), b.x.copy(), b.y.copy(), b.mask.copy()) for b in ld.epoch(2)]
+        kept = _collect(ld, 2)
+        for (a, b), k in zip(zip(inline, got, strict=True), kept, strict=True):
+            for u, v in zip(a, b, strict=True):
+                np.testing.assert_array_equal(u, v)
+            np.testing.assert_array_equal(k.x, a[1])
+            assert k.x.dtype == (np.uint16 if dtype is None else dtype)
+
+
+def test_assembly_workers_follow_the_cpus_this_process_may_use(monkeypatch):
+    for cpus, expected in ((1, 0), (2, 0), (4, 0), (8, 2), (16, 4), (64, 4)):
+        monkeypatch.setattr(gdata.os, "sched_getaffinity", lambda _pid, n=cpus: set(range(n)))
+        assert gdata._assembly_workers() == expected
+
+
 def test_holdout_and_all_splits(ds):
     seen = np.concatenate(
         [b.index[b.mask] for b in ds.loader(64, split="holdout", shuffle=False).epoch(0)]
@@ -214,6 +250,9 @@ def test_loader_errors(ds):
         ds.loader(8, process_index=2, process_count=2)
     with pytest.raises(ValueError, match="start_batch must be in"):
         list(ds.loader(8).epoch(0, start_batch=10**6))
+    for workers in (-1, 2.5, True):
+        with pytest.raises(ValueError, match=rf"workers must be an integer >= 0 or None, found {workers!r}"):
+            ds.loader(8, workers=workers)
 
 
 def test_early_exit_stops_reader_thread(ds):
