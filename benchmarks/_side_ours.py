@@ -93,11 +93,12 @@ def ceiling(settings, ds, n_steps, x_dtype=np.float32):
     return n_steps * bs / (time.perf_counter() - t0)
 
 
-def timed_train(ds, settings, epochs, ceiling_steps, x_dtype=None):
+def timed_train(ds, settings, epochs, ceiling_steps, x_dtype=None, loader_kw=None):
     """GinsengTrainer on ``ds`` with per-epoch time stamps, and the step ceiling before and after.
 
     ``x_dtype`` forces the loader's batch dtype (e.g. float32, what the trainer shipped before it
-    sent the stored counts); None leaves the trainer's own choice.
+    sent the stored counts); None leaves the trainer's own choice. ``loader_kw`` adds loader
+    arguments (e.g. ``workers``).
     """
     ceil_before = ceiling(settings, ds, ceiling_steps)
     stamps = []
@@ -115,6 +116,7 @@ def timed_train(ds, settings, epochs, ceiling_steps, x_dtype=None):
     def loader_(self, *args, **kw):
         if x_dtype is not None:
             kw["dtype"] = x_dtype
+        kw.update(loader_kw or {})
         ld = orig_loader(self, *args, **kw)
         if kw.get("split") == "holdout":
             orig_epoch = ld.epoch

@@ -10,11 +10,14 @@ is how this script is checked before a GPU run):
              ms per step and the model FLOP rate it reaches;
 2. data      ``synth.py`` writes ``--cells`` x 2,000 synthetic counts to an h5ad (all cores), and
              ``GinsengDataset.create`` builds the store from it opened backed (timed);
-3. loader    shuffled ``loader(split="train")`` epochs alone, batches as float32 or as stored;
+3. loader    shuffled ``loader(split="train")`` epochs alone, per spec BATCH:DTYPE[:WORKERS]
+             (DTYPE float32 or stored; WORKERS assembly threads, or auto), with minor page faults
+             per cell;
 4. transfer  the same epochs, each batch also copied to the device as the trainer does it;
-5. train     ``GinsengTrainer`` from the store (3 epochs; steady-state epochs, with and without the
-             holdout evaluation), against the ceiling measured in the same process, with the CPU
-             time it used (cores busy = CPU seconds / wall seconds).
+5. train     ``GinsengTrainer`` from the store per spec BATCH:DTYPE[:WORKERS] for 3 epochs;
+             steady-state epochs, with and without the holdout evaluation, against the ceiling
+             measured in the same process, with the CPU time it used (cores busy = CPU seconds /
+             wall seconds).
 
 The results go to ``--json`` after every phase (a run stopped early keeps what it measured) and
 a table is printed last. Nothing here asserts a time.
@@ -26,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -35,10 +39,10 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _side_ours import timed_train  # noqa: E402
+from _side_ours import timed_train
 
-from ginseng import train as T  # noqa: E402
-from ginseng.data import GinsengDataset  # noqa: E402
+from ginseng import train as T
+from ginseng.data import GinsengDataset
 
 N_GENES, N_TYPES, HIDDEN = 2000, 10, 256
 
@@ -156,13 +160,27 @@ def make_data(a) -> tuple[GinsengDataset, dict]:
     return ds, info
 
 
-def loader_epochs(ds, batch, dtype, epochs, transfer):
+def parse_spec(spec: str) -> dict:
+    """BATCH:DTYPE[:WORKERS] -> its parts (DTYPE: stored or a numpy dtype name)."""
+    parts = spec.split(":")
+    workers = parts[2] if len(parts) > 2 else "auto"
+    return {
+        "batch": int(parts[0]),
+        "dtype": None if parts[1] == "stored" else np.dtype(parts[1]),
+        "workers": None if workers == "auto" else int(workers),
+        "spec": spec,
+    }
+
+
+def loader_epochs(ds, spec, epochs, transfer):
     """Shuffled train epochs: cells/s per epoch (and the device copy with ``transfer``)."""
-    ld = ds.loader(batch, split="train", shuffle=True, seed=0, dtype=dtype)
+    ld = ds.loader(spec["batch"], split="train", shuffle=True, seed=0, dtype=spec["dtype"],
+                   workers=spec["workers"])
     mesh = T.make_mesh(jax.devices()[:1])
     rates = []
     for e in range(epochs):
         c0, t0 = os.times(), time.perf_counter()
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         n, last = 0, None
         for b in ld.epoch(e):
             n += int(b.mask.sum())
@@ -172,11 +190,10 @@ def loader_epochs(ds, batch, dtype, epochs, transfer):
             jax.block_until_ready(last)
         wall = time.perf_counter() - t0
         c1 = os.times()
-        rates.append({"cells_per_s": n / wall, "cores_busy": _cpu(c0, c1) / wall})
-    return {
-        "batch": batch, "x_dtype": "stored" if dtype is None else np.dtype(dtype).name,
-        "transfer": transfer, "epochs": rates,
-    }
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+        rates.append({"cells_per_s": n / wall, "cores_busy": _cpu(c0, c1) / wall,
+                      "minor_faults_per_cell": faults / max(n, 1)})
+    return {"spec": spec["spec"], "workers": ld.workers, "transfer": transfer, "epochs": rates}
 
 
 def attempt(results: list, what: str, fn, *args, **kw):
@@ -204,12 +221,15 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--json", required=True)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="synth.py workers")
-    ap.add_argument("--ceiling-batches", type=int, nargs="+", default=[256, 1024, 4096])
+    ap.add_argument("--ceiling-batches", type=int, nargs="*", default=[256, 1024, 4096])
     ap.add_argument("--precisions", nargs="*", default=["tensorfloat32", "highest"],
                     help="matmul precisions also timed at batch 1,024")
-    ap.add_argument("--loader-batches", type=int, nargs="+", default=[1024, 4096])
-    ap.add_argument("--train", nargs="+", default=["1024:stored", "1024:float32", "4096:stored", "128:stored"],
-                    help="trainer runs, BATCH:stored|float32 (the batch dtype sent to the device)")
+    ap.add_argument("--loader", nargs="*",
+                    default=["1024:float32", "1024:stored", "4096:float32", "4096:stored"],
+                    help="loader runs, BATCH:DTYPE[:WORKERS] (see the module docstring)")
+    ap.add_argument("--train", nargs="*",
+                    default=["1024:stored", "1024:float32", "4096:stored", "128:stored"],
+                    help="trainer runs, BATCH:DTYPE[:WORKERS] (DTYPE: what is sent to the device)")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--min-seconds", type=float, default=1.0, help="timed seconds per ceiling")
     a = ap.parse_args(argv)
@@ -225,7 +245,8 @@ def main(argv=None) -> int:
     for b in a.ceiling_batches:
         attempt(res["ceiling"], "ceiling", step_ceiling, b, min_seconds=a.min_seconds)
         save()
-    attempt(res["ceiling"], "ceiling", step_ceiling, 1024, min_seconds=a.min_seconds, x_dtype=np.uint16)
+    if a.ceiling_batches:
+        attempt(res["ceiling"], "ceiling", step_ceiling, 1024, min_seconds=a.min_seconds, x_dtype=np.uint16)
     for prec in a.precisions:
         attempt(res["ceiling"], "ceiling", step_ceiling, 1024, min_seconds=a.min_seconds, precision=prec)
         save()
@@ -235,29 +256,30 @@ def main(argv=None) -> int:
     save()
 
     res["loader"] = []
-    for b in a.loader_batches:
-        for dtype in (np.float32, None):
-            for transfer in (False, True):
-                attempt(res["loader"], "loader", loader_epochs, ds, b, dtype, 2, transfer)
-                save()
+    for spec in map(parse_spec, a.loader):
+        for transfer in (False, True):
+            attempt(res["loader"], "loader", loader_epochs, ds, spec, 2, transfer)
+            save()
 
     res["train"] = []
 
-    def train_run(b, kind):
+    def train_run(spec):
+        b = spec["batch"]
         settings = T.GinsengTrainerSettings(batch_size=b, hidden_dim=HIDDEN, balance_train=False)
         c0, t0 = os.times(), time.perf_counter()
-        r = timed_train(ds, settings, a.epochs if b >= 512 else 2, ceiling_steps=max(50, 200_000 // b),
-                        x_dtype=None if kind == "stored" else np.dtype(kind))
+        r = timed_train(ds, settings, a.epochs if b >= 512 else 2,
+                        ceiling_steps=max(50, 200_000 // b), x_dtype=spec["dtype"],
+                        loader_kw={"workers": spec["workers"]})
         r["cores_busy"] = _cpu(c0, os.times()) / (time.perf_counter() - t0)
+        r["spec"] = spec["spec"]
         return r
 
-    for spec in a.train:
-        b, kind = spec.split(":")
-        attempt(res["train"], "train", train_run, int(b), kind)
+    for spec in map(parse_spec, a.train):
+        attempt(res["train"], "train", train_run, spec)
         save()
 
     print("\n| measure | batch | variant | cells/s | note |\n| --- | ---: | --- | ---: | --- |")
-    ok = lambda rows: [r for r in rows if "error" not in r]  # noqa: E731
+    ok = lambda rows: [r for r in rows if "error" not in r]
     for r in rows_failed(res):
         print(f"| FAILED: {r['what']} | | | | {r['error'][:200]} |")
     for c in ok(res["ceiling"]):
@@ -267,12 +289,13 @@ def main(argv=None) -> int:
     print(f"| dataset creation (backed h5ad -> store) | | {d['cells']:,} cells, {d['store_mb']:.0f} MB "
           f"| {d['create_cells_per_s']:,.0f} | synth {d['synth_s']:.1f} s, create {d['create_s']:.1f} s |")
     for r in ok(res["loader"]):
-        rates = ", ".join(f"{e['cells_per_s']:,.0f}" for e in r["epochs"])
-        print(f"| loader{' + device copy' if r['transfer'] else ' alone'} | {r['batch']} | x {r['x_dtype']} "
-              f"| {r['epochs'][-1]['cells_per_s']:,.0f} | epochs {rates}; cores busy "
-              f"{r['epochs'][-1]['cores_busy']:.1f} |")
+        e = r["epochs"][-1]
+        rates = ", ".join(f"{x['cells_per_s']:,.0f}" for x in r["epochs"])
+        print(f"| loader{' + device copy' if r['transfer'] else ' alone'} | {r['spec']} | "
+              f"{r['workers']} workers | {e['cells_per_s']:,.0f} | epochs {rates}; cores busy "
+              f"{e['cores_busy']:.1f}; {e['minor_faults_per_cell']:.2f} faults/cell |")
     for r in ok(res["train"]):
-        print(f"| GinsengTrainer from disk | {r['batch_size']} | x {r['x_dtype']} | {r['cells_per_s']:,.0f} "
+        print(f"| GinsengTrainer from disk | {r['spec']} | x {r['x_dtype']} | {r['cells_per_s']:,.0f} "
               f"| {100 * r['fraction_of_ceiling']:.0f} % of ceiling ({r['train_only_cells_per_s']:,.0f} "
               f"cells/s = {100 * r['train_only_fraction_of_ceiling']:.0f} % without holdout eval); "
               f"cores busy {r['cores_busy']:.1f}; acc {r['holdout_accuracy']:.3f} |")
