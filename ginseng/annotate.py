@@ -43,7 +43,7 @@ from ginseng._files import atomic_path, check_writable_target
 from ginseng._threads import background
 from ginseng.nn import nn_annotate
 from ginseng.state import GinsengModelState
-from ginseng.utils import _check_cells, _row_block
+from ginseng.utils import _check_cells, _layer_names, _row_block
 
 __all__ = ["annotate", "annotate_iter_full", "annotate_iter_partial"]
 
@@ -872,7 +872,7 @@ def annotate(
                 msg = f"layer={layer!r} does not apply to a GinsengDataset (it stores one count matrix)"
                 raise ValueError(msg)
             if layer not in source.layers:
-                msg = f"layer {layer!r} not found in adata.layers; available: {list(map(str, source.layers.keys()))}"
+                msg = f"layer {layer!r} not found in adata.layers; available: {_layer_names(source)}"
                 raise ValueError(msg)
         if kind == "dataset":
             input_genes = np.asarray(source.genes).astype(str)

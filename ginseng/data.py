@@ -41,7 +41,7 @@ from zarr.codecs import BloscCodec
 
 from ginseng._files import atomic_path
 from ginseng._threads import background
-from ginseng.utils import _check_cells, _row_block
+from ginseng.utils import _check_cells, _layer_names, _row_block
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "Batch", "BatchLoader", "GinsengDataset"]
 
@@ -529,7 +529,7 @@ class GinsengDataset:
             n_cells, n_vars = adata.n_obs, adata.n_vars
             if layer is not None:
                 if layer not in adata.layers:
-                    msg = f"layer {layer!r} not found in adata.layers; available: {_describe(adata.layers.keys())}"
+                    msg = f"layer {layer!r} not found in adata.layers; available: {_describe(_layer_names(adata))}"
                     raise ValueError(msg)
                 X = adata.layers[layer]
             else:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import inspect
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -227,12 +228,15 @@ def read_10x_mtx(
         )
         raise FileNotFoundError(msg)
 
+    # A sparse array where scipy can say so (>= 1.17; its default changes in 1.20): either way it
+    # becomes a CSR matrix below.
+    mm_kw = {"spmatrix": False} if "spmatrix" in inspect.signature(scipy.io.mmread).parameters else {}
     try:
         if found["matrix"].name.endswith(".gz"):
             with gzip.open(found["matrix"], "rb") as fh:
-                m = scipy.io.mmread(fh)
+                m = scipy.io.mmread(fh, **mm_kw)
         else:
-            m = scipy.io.mmread(found["matrix"])
+            m = scipy.io.mmread(found["matrix"], **mm_kw)
     except (OSError, ValueError, EOFError) as err:
         msg = f"could not read Matrix Market file {str(found['matrix'])!r}: {err}"
         raise ValueError(msg) from err

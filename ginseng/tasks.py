@@ -163,10 +163,12 @@ def _read_input(conf: GinsengConfig):
             f"var has: {', '.join(map(str, adata.var.columns)) or '(no columns)'}"
         )
         raise KeyError(msg)
+    from ginseng.utils import _layer_names
+
     if conf.data.layer is not None and conf.data.layer not in adata.layers:
         msg = (
             f"data.layer={conf.data.layer!r} is not a layer of {str(path)!r}; "
-            f"layers: {', '.join(map(str, adata.layers.keys())) or '(none: the counts are in X)'}"
+            f"layers: {', '.join(_layer_names(adata)) or '(none: the counts are in X)'}"
         )
         raise KeyError(msg)
     return path, adata

@@ -77,6 +77,11 @@ def _row_block(X, start: int, stop: int, cells: np.ndarray | None = None):
     return np.concatenate([np.asarray(p) for p in pieces])
 
 
+def _layer_names(data) -> list[str]:
+    """The names of ``data.layers`` (anndata >= 0.13 also lists ``None``, i.e. X: left out)."""
+    return [str(k) for k in data.layers if k is not None]
+
+
 def _matrix(data: anndata.AnnData, layer: str | None):
     if layer is None:
         if data.X is None:
@@ -85,7 +90,7 @@ def _matrix(data: anndata.AnnData, layer: str | None):
         return data.X
     if layer not in data.layers:
         msg = (
-            f"layer {layer!r} is not in adata.layers; available layers: {list(data.layers.keys())}"
+            f"layer {layer!r} is not in adata.layers; available layers: {_layer_names(data)}"
         )
         raise KeyError(msg)
     return data.layers[layer]
@@ -167,8 +172,10 @@ def _seurat_dispersion(sums, sumsq, n_cells: int, n_bins: int):
     bins = pd.cut(log_mean, bins=n_bins)
     frame = pd.DataFrame({"bin": bins, "disp": log_disp})
     grouped = frame.groupby("bin", observed=True)["disp"]
-    bin_mean = grouped.transform("mean").to_numpy(dtype=np.float64)
-    bin_std = grouped.transform("std").to_numpy(dtype=np.float64)
+    # Copies: they are written below, and pandas (3, or 2 with copy-on-write) hands out
+    # read-only views.
+    bin_mean = grouped.transform("mean").to_numpy(dtype=np.float64, copy=True)
+    bin_std = grouped.transform("std").to_numpy(dtype=np.float64, copy=True)
     single = np.isnan(bin_std) & ~np.isnan(log_disp)
     bin_std[single] = bin_mean[single]
     bin_mean[single] = 0.0

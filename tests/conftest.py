@@ -11,7 +11,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+
+# pandas 3 has copy-on-write as its only mode (arrays from .to_numpy() can be read-only views);
+# a fresh install on Python >= 3.12 gets pandas 3, CI's Python 3.11 gets pandas 2. Run every test
+# with pandas 3's semantics, so that code writing into such a view fails here too.
+if int(pd.__version__.split(".")[0]) < 3:
+    pd.set_option("mode.copy_on_write", True)
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 

@@ -130,7 +130,8 @@ def test_create_gene_mask_wrong_length(tmp_path, adata):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"gene_mask": "symbol"}, r"gene_mask column 'symbol' must be boolean, found dtype object"),
+        # A string column: dtype object (pandas 2) or str (pandas 3).
+        ({"gene_mask": "symbol"}, r"gene_mask column 'symbol' must be boolean, found dtype (object|str)"),
         ({"gene_mask": np.zeros(N_GENES, bool)}, f"gene_mask selects 0 of {N_GENES} genes"),
         ({"layer": "raw"}, r"layer 'raw' not found in adata.layers; available: \[\]"),
         ({"chunk_size": 0}, r"chunk_size must be positive, found 0"),
