@@ -71,6 +71,13 @@ def store(tmp_path_factory):
 # ------------------------------------------------------------------------------------------
 
 
+def _read_exact_csv(path) -> pd.DataFrame:
+    """A CSV of floats read back exactly: pandas 3 does so by default (and deprecates asking for
+    it); pandas 2 must be asked."""
+    exact = {"float_precision": "round_trip"} if int(pd.__version__.split(".")[0]) < 3 else {}
+    return pd.read_csv(path, **exact)
+
+
 class Crash(Exception):
     pass
 
@@ -452,9 +459,7 @@ def test_sigkill_at_random_steps_and_mid_save_then_resume_is_bit_identical(store
     codes, texts = _finish(_spawn(store, out, ckpt, epochs=SP_EPOCHS))
     assert codes == [0], texts[0][-3000:]
     _assert_same_npz(out, ref.params)
-    # pandas 3 parses floats exactly by default (and deprecates asking for it); pandas 2 must be asked.
-    exact = {"float_precision": "round_trip"} if int(pd.__version__.split(".")[0]) < 3 else {}
-    pd.testing.assert_frame_equal(pd.read_csv(f"{out}.csv", **exact), log_ref.to_dataframe(), check_exact=True)
+    pd.testing.assert_frame_equal(_read_exact_csv(f"{out}.csv"), log_ref.to_dataframe(), check_exact=True)
     assert not list(ckpt.glob(f".{CKPT}.tmp-*"))  # the resumed run removed the stale temporary
 
 
@@ -505,7 +510,7 @@ def mp_reference(store, tmp_path_factory):
     finally:
         kill_all(procs)
     assert codes == [0, 0], "\n".join(t[-2000:] for t in texts)
-    return np.load(d / "ref.npz"), pd.read_csv(f"{d / 'ref.npz'}.csv", float_precision="round_trip")
+    return np.load(d / "ref.npz"), _read_exact_csv(f"{d / 'ref.npz'}.csv")
 
 
 def _mp_resume_and_compare(store, out, ckpt, mp_reference):
@@ -520,7 +525,7 @@ def _mp_resume_and_compare(store, out, ckpt, mp_reference):
     assert sorted(got.files) == sorted(ref_params.files)
     for name in ref_params.files:
         assert np.array_equal(got[name], ref_params[name]), name
-    pd.testing.assert_frame_equal(pd.read_csv(f"{out}.csv", float_precision="round_trip"), ref_log, check_exact=True)
+    pd.testing.assert_frame_equal(_read_exact_csv(f"{out}.csv"), ref_log, check_exact=True)
 
 
 def _wait_steps(procs, n):
