@@ -70,7 +70,7 @@ def loader(a):
     return res
 
 
-def ceiling(settings, ds, n_steps, x_dtype=np.float32):
+def ceiling(settings, ds, n_steps):
     """The jitted train step alone, fed the same in-memory device batch every step."""
     mesh = T.make_mesh()
     step = T._build_train_step(settings, mesh, total_steps=n_steps + 3)
@@ -78,7 +78,7 @@ def ceiling(settings, ds, n_steps, x_dtype=np.float32):
     key = jax.random.key(1)
     bs = settings.batch_size
     idx = np.asarray(ds.train_indices[:bs])
-    x = jax.device_put(np.asarray(ds.get_batch(idx), x_dtype))
+    x = jax.device_put(np.asarray(ds.get_batch(idx), np.float32))
     y = jax.device_put(np.asarray(ds.labels[idx], np.int32))
     slot = jax.device_put(np.arange(bs, dtype=np.int32))
     mask = jax.device_put(np.ones(bs, bool))

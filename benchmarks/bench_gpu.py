@@ -26,6 +26,7 @@ a table is printed last. Nothing here asserts a time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -81,7 +82,7 @@ def step_ceiling(batch, n_classes=N_TYPES, min_seconds=1.0, precision=None, x_dt
     """The train step alone on one device-resident batch: median of 3 timed blocks."""
     settings = T.GinsengTrainerSettings(batch_size=batch, hidden_dim=HIDDEN, balance_train=False)
     mesh = T.make_mesh(jax.devices()[:1])
-    ctx = jax.default_matmul_precision(precision) if precision else _null()
+    ctx = jax.default_matmul_precision(precision) if precision else contextlib.nullcontext()
     with ctx:
         step = T._build_train_step(settings, mesh, total_steps=1)
         params, opt = T._build_init(settings, mesh, N_GENES, n_classes)(jax.random.key(0))
@@ -122,14 +123,6 @@ def step_ceiling(batch, n_classes=N_TYPES, min_seconds=1.0, precision=None, x_dt
         "ms_per_step_blocks": [1e3 * v for v in times], "cells_per_s": batch / t,
         "tflops": flops_per_cell() * batch / t / 1e12,
     }
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def make_data(a) -> tuple[GinsengDataset, dict]:

@@ -1404,19 +1404,18 @@ class BatchLoader:
                     pending: deque = deque()
                     for index, slot, mask in layouts:
                         if mask.all():
-                            x = np.empty(local_shape, dtype=self.dtype)
-                            x = run(gather, buf, pos, rows, index, x)
+                            out = np.empty(local_shape, dtype=self.dtype)
+                            x = run(gather, buf, pos, rows, index, out)
                             y = ds.labels[index]
                         else:
-                            x = np.zeros(local_shape, dtype=self.dtype)
+                            out = np.zeros(local_shape, dtype=self.dtype)
                             y = np.zeros(self.local_rows, dtype=np.int32)
                             if mask.any():
                                 real = index[mask]
-                                x[mask] = buf[pos[np.searchsorted(rows, ds._rank[real])]]
+                                out[mask] = buf[pos[np.searchsorted(rows, ds._rank[real])]]
                                 y[mask] = ds.labels[real]
-                            x = _Done(x)
+                            x = _Done(out)
                         pending.append((x, y, slot, mask, index))
-                        del x
                         while len(pending) > window:
                             x, y, slot, mask, index = pending.popleft()
                             yield Batch(x.result(), y, slot, mask, index)
