@@ -270,6 +270,10 @@ class TrainerConfig:
     """Steps between checkpoints (one is also written at the end of every epoch); None: only
     at epoch ends."""
 
+    keep_checkpoints: int = 3
+    """How many checkpoint files to keep, newest first; a damaged newest one is skipped (with a
+    warning) for the one before it, so keep at least 2."""
+
     resume: bool = True
     """Continue from the newest complete checkpoint in ``checkpoint_dir`` when there is one
     (a requeued SLURM job picks up where it stopped)."""
@@ -292,6 +296,7 @@ class TrainerConfig:
             _fail(f"trainer.lower must be <= trainer.upper, got lower={self.lower}, "
                   f"upper={self.upper}")
         _check_min("trainer.checkpoint_every", self.checkpoint_every, 1)
+        _check_min("trainer.keep_checkpoints", self.keep_checkpoints, 1)
 
 
 @dataclass
@@ -608,6 +613,7 @@ def to_trainer_settings(cfg: GinsengConfig, workdir: str | os.PathLike | None = 
         "seed": t.seed,
         "checkpoint_dir": checkpoint_dir,
         "checkpoint_every": t.checkpoint_every,
+        "keep_checkpoints": t.keep_checkpoints,
     }
     known = {f.name for f in fields(GinsengTrainerSettings)}
     # checkpoint_* arrive with the checkpoint work; pass only what the trainer knows.

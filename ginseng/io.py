@@ -28,6 +28,7 @@ import scipy.io
 import scipy.sparse as sp
 
 from ginseng._files import atomic_path
+from ginseng._h5tree import DamagedError, names, read_tree, write_tree
 from ginseng.state import GinsengModelState
 
 __all__ = [
@@ -349,8 +350,9 @@ def read_10x_h5(
 
 
 def _read_10x_h5_v2(f, path, genome, var_names, make_unique):
+    # Names first, then each member by name: never an h5py iterator suspended across a read.
     genomes = [
-        k for k, v in f.items() if isinstance(v, h5py.Group) and "indptr" in v and "data" in v
+        k for k in names(f) if isinstance(f[k], h5py.Group) and "indptr" in f[k] and "data" in f[k]
     ]
     if not genomes:
         msg = (
@@ -524,20 +526,6 @@ def _model_digest(
     return h.hexdigest()
 
 
-def _write_params(group: h5py.Group, tree, where: str) -> None:
-    if not isinstance(tree, Mapping):
-        msg = f"params must be nested dicts of arrays; found {type(tree).__name__} at {where!r}"
-        raise TypeError(msg)
-    for key, value in tree.items():
-        if not isinstance(key, str) or "/" in key or not key:
-            msg = f"params keys must be non-empty strings without '/', found {key!r} at {where!r}"
-            raise TypeError(msg)
-        if isinstance(value, Mapping):
-            _write_params(group.create_group(key), value, f"{where}/{key}")
-        else:
-            group.create_dataset(key, data=np.asarray(value))
-
-
 def save_ginseng_state(
     state: GinsengModelState, filename: str | os.PathLike, overwrite: bool = False
 ) -> None:
@@ -576,19 +564,12 @@ def save_ginseng_state(
         )
         f.attrs["dropout_rate"] = float(state.dropout_rate)
         f.attrs["training"] = bool(state.training)
-        _write_params(f.create_group("params"), state.params, "params")
+        write_tree(f.create_group("params"), state.params, "params", checksum=False)
         _write_array(f, "genes", genes)
         _write_array(f, "label_keys", label_keys)
         _write_array(f, "label_values", label_values)
         # Digest of what was written, read back the way load_ginseng_state reads it.
         f.attrs["sha256"] = _file_digest(f)
-
-
-def _read_params(group: h5py.Group) -> dict:
-    out = {}
-    for key, item in group.items():
-        out[key] = _read_params(item) if isinstance(item, h5py.Group) else np.asarray(item[()])
-    return out
 
 
 def _to_jnp(tree: dict) -> dict:
@@ -601,7 +582,7 @@ _DIGEST_ATTRS = ("format_version", "normalize", "target_sum", "dropout_rate", "t
 def _file_digest(f: h5py.File, params: dict | None = None) -> str:
     """The model digest of an open model file (``params``: already read, to avoid a re-read)."""
     if params is None:
-        params = _read_params(f["params"])
+        params = read_tree(f["params"], "params")
     labels = {k: _read_labels(f[k]) for k in ("genes", "label_keys", "label_values")}
     scalars = {}
     for a in _DIGEST_ATTRS:
@@ -712,7 +693,7 @@ def load_ginseng_state(filename: str | os.PathLike) -> GinsengModelState:
             if not isinstance(f["params"], h5py.Group) or len(f["params"]) == 0:
                 msg = f"model file {str(path)!r} is incomplete: 'params' holds no parameters"
                 raise ValueError(msg)
-            params = _read_params(f["params"])
+            params = read_tree(f["params"], "params")
             stored = f.attrs.get("sha256")
             stored = stored.decode() if isinstance(stored, bytes) else stored
             computed = _file_digest(f, params) if stored is not None else None
@@ -727,9 +708,9 @@ def load_ginseng_state(filename: str | os.PathLike) -> GinsengModelState:
                 dropout_rate=float(f.attrs["dropout_rate"]),
                 training=bool(f.attrs["training"]),
             )
-    except (OSError, KeyError, RuntimeError) as err:
+    except (OSError, KeyError, RuntimeError, DamagedError) as err:
         msg = f"model file {str(path)!r} could not be read; it is truncated or corrupted: {err}"
-        raise ValueError(msg) from err
+        raise ValueError(msg) from None
     _check_consistency(path, state)
     # Files without a digest (written before it was added) load unchecked.
     if stored is not None and stored != computed:

@@ -545,12 +545,11 @@ def run_train(conf: GinsengConfig, workdir: str | os.PathLike) -> TrainResult:
     if conf.overwrite and settings.checkpoint_dir is not None:
         # overwrite=true asks for a new run over the old one's outputs: its checkpoint (written
         # for the dataset that was just rebuilt) is replaced too, not resumed.
-        from ginseng.train import CHECKPOINT_NAME
+        from ginseng._checkpoint import remove_checkpoints
 
-        old = Path(settings.checkpoint_dir) / CHECKPOINT_NAME
-        if _is_main() and old.is_file():
-            old.unlink()
-            _say(conf, f"overwrite=true: removed the previous run's checkpoint {old}")
+        if _is_main() and (removed := remove_checkpoints(settings.checkpoint_dir)):
+            names = ", ".join(p.name for p in removed)
+            _say(conf, f"overwrite=true: removed the previous run's checkpoints in {settings.checkpoint_dir}: {names}")
         _barrier("ginseng-overwrite-checkpoint")
     logger, state = _call_supported(
         GinsengTrainer,

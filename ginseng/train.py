@@ -13,15 +13,13 @@ ran it, up to float summation order.
 from __future__ import annotations
 
 import collections
-import contextlib
 import functools
-import json
 import math
 import os
 import signal
 import threading
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
@@ -33,10 +31,22 @@ from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int, PyTree
 from tqdm.auto import tqdm
 
+from ginseng._checkpoint import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    check_resumable,
+    latest_checkpoint,
+    list_checkpoints,
+    newest_usable,
+    read_checkpoint,
+    remove_stale_temporaries,
+    save_checkpoint,
+    set_aside,
+)
 from ginseng._files import atomic_path
 from ginseng.augment import augment
 from ginseng.nn import nn_annotate, nn_annotate_init
-from ginseng.opt import AdamState, opt_adam_update, opt_cosine_lr, opt_init_adam
+from ginseng.opt import opt_adam_update, opt_cosine_lr, opt_init_adam
 from ginseng.state import GinsengModelState
 
 __all__ = [
@@ -47,6 +57,8 @@ __all__ = [
     "GinsengModelState",
     "GinsengTrainer",
     "GinsengTrainerSettings",
+    "latest_checkpoint",
+    "list_checkpoints",
     "make_mesh",
     "read_checkpoint",
 ]
@@ -55,9 +67,6 @@ __all__ = [
 # "try again later"): a SLURM script can requeue the job on this code and resume with resume=True.
 PREEMPTED_EXIT_CODE = 75
 LR_SCHEDULES = ("constant", "cosine")
-CHECKPOINT_FORMAT = "ginseng.checkpoint"
-CHECKPOINT_VERSION = 1
-CHECKPOINT_NAME = "checkpoint.h5"
 
 DATA_AXIS = "data"
 
@@ -139,6 +148,10 @@ class GinsengTrainerSettings:
         Directory for checkpoints (None: no checkpoints).
     checkpoint_every : int | None
         Write a checkpoint every this many steps (one is also written at the end of every epoch).
+    keep_checkpoints : int
+        How many checkpoint files to keep (``checkpoint-<global step>.h5``, newest first; orbax's
+        ``max_to_keep``). Resuming from a damaged newest one falls back to the one before it, so
+        keep at least 2.
     """
 
     # Augmentation
@@ -173,6 +186,7 @@ class GinsengTrainerSettings:
     # Checkpoints
     checkpoint_dir: str | None = None
     checkpoint_every: int | None = None
+    keep_checkpoints: int = 3
 
     def __post_init__(self) -> None:
         def fail(name, expected):
@@ -250,6 +264,7 @@ class GinsengTrainerSettings:
         if self.checkpoint_dir is not None:
             self.checkpoint_dir = str(self.checkpoint_dir)
         integer("checkpoint_every", 1, optional=True)
+        integer("keep_checkpoints", 1)
 
 
 @dataclass
@@ -648,229 +663,6 @@ def _replicate(tree: PyTree, mesh: Mesh) -> PyTree:
 # Checkpoints
 # --------------------------------------------------------------------------------------------
 
-# Settings that may change between a run and its resumption without changing the result.
-_RESUME_FREE = ("checkpoint_dir", "checkpoint_every")
-
-
-def _settings_record(settings: GinsengTrainerSettings) -> dict:
-    rec = {k: v for k, v in asdict(settings).items() if k not in _RESUME_FREE}
-    rec["betas"] = list(rec["betas"])
-    return rec
-
-
-def _write_tree(group, tree: dict) -> None:
-    for name, value in tree.items():
-        if isinstance(value, dict):
-            _write_tree(group.create_group(name), value)
-        else:
-            value = np.asarray(value)
-            # Fletcher-32 checksums make a flipped bit an error on reading, not a silently wrong model.
-            checked = {"fletcher32": True} if value.ndim and value.size else {}
-            group.create_dataset(name, data=value, **checked)
-
-
-def _read_tree(group) -> dict:
-    import h5py
-
-    return {
-        name: _read_tree(item) if isinstance(item, h5py.Group) else np.asarray(item[()])
-        for name, item in group.items()
-    }
-
-
-def _save_checkpoint(
-    directory, *, params, opt_state, metrics, train_key, epoch, batch, batches_per_epoch, logger,
-    settings, identity, total_steps,
-):
-    """Write the checkpoint atomically (process 0 only): a crash mid-write keeps the previous one.
-
-    Every process fetches its (replicated) copy first, so that no process waits on another here.
-    """
-    import h5py
-
-    host_params, host_opt, host_metrics = _to_host(params), _to_host(opt_state), _to_host(metrics)
-    host_key = _to_host(jax.random.key_data(train_key))
-    if jax.process_index() != 0:
-        return
-    path = Path(directory) / CHECKPOINT_NAME
-    with atomic_path(path, overwrite=True, what="checkpoint") as tmp, h5py.File(tmp, "w") as f:
-        f.attrs["format"] = CHECKPOINT_FORMAT
-        f.attrs["format_version"] = CHECKPOINT_VERSION
-        f.attrs["epoch"] = int(epoch)
-        f.attrs["step_in_epoch"] = int(batch)
-        f.attrs["total_steps"] = int(total_steps)
-        f.attrs["batches_per_epoch"] = int(batches_per_epoch)
-        f.attrs["global_step"] = int(host_opt.step)
-        f.attrs["settings"] = json.dumps(_settings_record(settings), sort_keys=True)
-        f.attrs["dataset_identity"] = str(identity)
-        f.attrs["rng_impl"] = str(jax.random.key_impl(train_key))
-        f.attrs["device_count"] = len(train_key.sharding.device_set)
-        _write_tree(f.create_group("params"), host_params)
-        opt = f.create_group("opt_state")
-        opt.create_dataset("step", data=np.asarray(host_opt.step))
-        _write_tree(opt.create_group("m"), host_opt.m)
-        _write_tree(opt.create_group("v"), host_opt.v)
-        _write_tree(f.create_group("rng"), {"train_key": host_key})
-        _write_tree(f, {"epoch_metrics": host_metrics})
-        _write_tree(
-            f.create_group("logger"),
-            {
-                name: np.asarray(getattr(logger, name), dtype=np.float64)
-                for name in ("epoch", "train_loss", "holdout_loss", "holdout_accuracy")
-            },
-        )
-
-
-def _same_tree_shape(a: dict, b: dict) -> bool:
-    if not isinstance(a, dict) or not isinstance(b, dict) or set(a) != set(b):
-        return False
-    return all(
-        _same_tree_shape(a[k], b[k]) if isinstance(a[k], dict) else np.shape(a[k]) == np.shape(b[k])
-        for k in a
-    )
-
-
-def read_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a checkpoint file written by `GinsengTrainer` (no checks against a run).
-
-    Parameters
-    ----------
-    path : str | PathLike
-        A ``checkpoint.h5`` file.
-
-    Returns
-    -------
-    dict
-        ``epoch`` (the epoch to continue in), ``step_in_epoch`` (batches of that epoch already
-        done), ``batches_per_epoch``, ``global_step`` (optimizer steps taken), ``total_steps`` (of
-        the whole run: epochs x batches per epoch, which the learning-rate schedule spans; None in
-        checkpoints written before schedules existed), ``params``,
-        ``opt_state`` (`AdamState` of numpy arrays), ``train_key`` (uint32 key data), ``rng_impl``,
-        ``metrics`` (the epoch's running ``[loss_sum, n_cells]``), ``logger`` (dict of arrays),
-        ``settings`` (dict), ``dataset_identity`` (str), ``device_count``.
-
-    Raises
-    ------
-    ValueError
-        Naming the file: not an HDF5 file, truncated or corrupted, not a ginseng checkpoint, or an
-        unknown format version (saying the version found and the one this ginseng reads).
-    """
-    import h5py
-
-    path = Path(path)
-    try:
-        f = h5py.File(path, "r")
-    except OSError as err:
-        msg = f"checkpoint {str(path)!r} is not a readable HDF5 file (truncated or corrupted?): {err}"
-        raise ValueError(msg) from None
-    problem = None
-    with f:
-        try:
-            fmt, version = f.attrs.get("format"), f.attrs.get("format_version")
-        except (OSError, KeyError, ValueError, TypeError) as err:
-            fmt, version, problem = None, None, err
-        if problem is None and fmt != CHECKPOINT_FORMAT:
-            msg = f"{str(path)!r} is not a ginseng checkpoint (format {fmt!r}, expected {CHECKPOINT_FORMAT!r})"
-            raise ValueError(msg)
-        if problem is None and version != CHECKPOINT_VERSION:
-            msg = (
-                f"checkpoint {str(path)!r} has format version {version}; this ginseng reads version "
-                f"{CHECKPOINT_VERSION} (was it written by another ginseng release?)"
-            )
-            raise ValueError(msg)
-        if problem is None:
-            try:
-                opt = f["opt_state"]
-                rec = {
-                    "epoch": int(f.attrs["epoch"]),
-                    "step_in_epoch": int(f.attrs["step_in_epoch"]),
-                    "batches_per_epoch": int(f.attrs["batches_per_epoch"]),
-                    "global_step": int(f.attrs["global_step"]),
-                    # Absent from checkpoints written before lr_schedule existed (constant rate).
-                    "total_steps": int(f.attrs["total_steps"]) if "total_steps" in f.attrs else None,
-                    "settings": json.loads(f.attrs["settings"]),
-                    "dataset_identity": str(f.attrs["dataset_identity"]),
-                    "rng_impl": str(f.attrs["rng_impl"]),
-                    "device_count": int(f.attrs["device_count"]),
-                    "params": _read_tree(f["params"]),
-                    "opt_state": AdamState(
-                        step=np.asarray(opt["step"][()]), m=_read_tree(opt["m"]), v=_read_tree(opt["v"])
-                    ),
-                    "train_key": np.asarray(f["rng"]["train_key"][()]),
-                    "metrics": np.asarray(f["epoch_metrics"][()]),
-                    "logger": {k: np.asarray(v[()]) for k, v in f["logger"].items()},
-                }
-            except (OSError, KeyError, ValueError, TypeError) as err:
-                problem = err
-    if problem is None:
-        consistent = (
-            rec["global_step"] == int(rec["opt_state"].step)
-            and _same_tree_shape(rec["params"], rec["opt_state"].m)
-            and _same_tree_shape(rec["params"], rec["opt_state"].v)
-            and rec["metrics"].shape == (2,)
-            and 0 <= rec["step_in_epoch"] <= rec["batches_per_epoch"]
-            and set(rec["logger"]) == {"epoch", "train_loss", "holdout_loss", "holdout_accuracy"}
-            and len({len(v) for v in rec["logger"].values()}) == 1
-        )
-        if not consistent:
-            problem = "its parts disagree (params, optimizer state, step counters or history)"
-    if problem is not None:
-        detail = problem if isinstance(problem, str) else f"{type(problem).__name__}: {problem}"
-        msg = f"checkpoint {str(path)!r} is corrupted or incomplete: {detail}"
-        raise ValueError(msg)
-    return rec
-
-
-def _load_checkpoint(
-    directory, settings: GinsengTrainerSettings, identity, batches_per_epoch: int, total_steps: int
-) -> dict | None:
-    """Read the checkpoint in ``directory`` (None if there is none); refuse a mismatching one."""
-    path = Path(directory) / CHECKPOINT_NAME
-    if not path.exists():
-        return None
-    rec = read_checkpoint(path)
-    if rec["dataset_identity"] != str(identity):
-        msg = (
-            f"checkpoint {str(path)!r} was written for dataset {rec['dataset_identity']!r}, "
-            f"not for this dataset {str(identity)!r}; use another checkpoint_dir or resume=False"
-        )
-        raise ValueError(msg)
-    saved = {"lr_schedule": "constant", **rec["settings"]}  # older checkpoints: constant rate
-    now = json.loads(json.dumps(_settings_record(settings), sort_keys=True))
-    differ = [
-        f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}"
-        for k in sorted(set(saved) | set(now))
-        if saved.get(k) != now.get(k)
-    ]
-    if differ:
-        msg = f"checkpoint {str(path)!r} was written with other settings: " + "; ".join(differ)
-        raise ValueError(msg)
-    if rec["batches_per_epoch"] != int(batches_per_epoch):
-        msg = (
-            f"checkpoint {str(path)!r} was written with {rec['batches_per_epoch']} batches per epoch, "
-            f"this run has {batches_per_epoch}; the dataset's training split changed"
-        )
-        raise ValueError(msg)
-    if settings.lr_schedule != "constant" and rec["total_steps"] != int(total_steps):
-        saved_epochs = rec["total_steps"] // max(1, rec["batches_per_epoch"])
-        msg = (
-            f"checkpoint {str(path)!r} was written by a run of {saved_epochs} epochs "
-            f"({rec['total_steps']} steps), this run has {total_steps // max(1, batches_per_epoch)} "
-            f"epochs ({total_steps} steps); the {settings.lr_schedule!r} learning-rate schedule "
-            f"spans the whole run, so resume with epochs={saved_epochs} (or use "
-            "lr_schedule='constant' for runs meant to be extended)"
-        )
-        raise ValueError(msg)
-    return rec
-
-
-def _remove_stale_temporaries(directory) -> None:
-    """Remove checkpoint temporaries left by a process killed mid-save (only ginseng's own names)."""
-    for tmp in Path(directory).glob(f".{CHECKPOINT_NAME}.tmp-*"):
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-
-
 class _StopSignal:
     """Records SIGTERM/SIGUSR1 so that the loop can checkpoint at the next step boundary."""
 
@@ -929,6 +721,65 @@ def _prepare_holdout(dataset, settings: GinsengTrainerSettings):
         if jax.process_index() != 0:
             dataset = type(dataset)(dataset.path)  # re-read the split process 0 persisted
     return dataset
+
+
+def _prepare_checkpoint_dir(ckpt_dir, resume: bool, main: bool) -> None:
+    """Create the directory, clear a killed save's temporaries, refuse to start over a run."""
+    if resume and ckpt_dir is None:
+        msg = "resume=True needs settings.checkpoint_dir, got None"
+        raise ValueError(msg)
+    if ckpt_dir is None:
+        return
+    if main:
+        Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(ckpt_dir)
+    if jax.process_count() > 1:
+        from ginseng import distributed
+
+        distributed.barrier("ginseng_checkpoint_dir")
+    existing = list_checkpoints(ckpt_dir)
+    if existing and not resume:
+        msg = (
+            f"checkpoint_dir {str(ckpt_dir)!r} already holds a checkpoint "
+            f"({existing[0].name}); pass resume=True to continue that run, or use another "
+            "checkpoint_dir (it is never overwritten by a new run)"
+        )
+        raise FileExistsError(msg)
+
+
+def _restore(ckpt_dir, settings, identity, batches_per_epoch: int, total_steps: int, main: bool):
+    """The checkpoint to resume from (its record, with ``path``), or None to start afresh.
+
+    The newest checkpoint that reads completely is used; damaged newer ones are named in a
+    warning and set aside. Every process must continue from the same place: a checkpoint_dir
+    that is not on a shared filesystem would let process 0 resume while the others start over.
+    """
+    rec, path, damaged = newest_usable(ckpt_dir)
+    if rec is not None:
+        check_resumable(rec, path, settings, identity, batches_per_epoch, total_steps)
+        rec["path"] = path
+    if jax.process_count() > 1:
+        from ginseng import distributed
+
+        where = np.asarray(
+            [rec is not None]
+            + ([rec["epoch"], rec["step_in_epoch"], rec["global_step"]] if rec else [0, 0, 0]),
+            np.int32,
+        )
+        found = distributed.process_allgather(where)
+        if not np.all(found == found[0]):
+            seen = "; ".join(
+                f"process {p}: " + (f"epoch {r[1]}, step {r[2]}, global step {r[3]}" if r[0] else "no checkpoint")
+                for p, r in enumerate(found.tolist())
+            )
+            msg = (
+                f"processes found different checkpoints in checkpoint_dir {str(ckpt_dir)!r} ({seen}); "
+                "it must be one directory that every process sees (a shared filesystem)"
+            )
+            raise ValueError(msg)
+    if rec is not None:
+        set_aside(damaged, path, announce=main)
+    return rec
 
 
 def GinsengTrainer(
@@ -1022,52 +873,14 @@ def GinsengTrainer(
         total_steps = epochs * train_loader.num_batches
         train_step = _build_train_step(settings, mesh, total_steps, stop_flag=watch)
         eval_step = _build_eval_step(settings, mesh)
-        if resume and ckpt_dir is None:
-            msg = "resume=True needs settings.checkpoint_dir, got None"
-            raise ValueError(msg)
-        if ckpt_dir is not None and main:
-            Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
-            _remove_stale_temporaries(ckpt_dir)
-        if ckpt_dir is not None and jax.process_count() > 1:
-            from ginseng import distributed
-
-            distributed.barrier("ginseng_checkpoint_dir")
-        if ckpt_dir is not None and not resume and (Path(ckpt_dir) / CHECKPOINT_NAME).exists():
-            msg = (
-                f"checkpoint_dir {str(ckpt_dir)!r} already holds a checkpoint "
-                f"({CHECKPOINT_NAME}); pass resume=True to continue that run, or use another "
-                "checkpoint_dir (it is never overwritten by a new run)"
-            )
-            raise FileExistsError(msg)
-
+        _prepare_checkpoint_dir(ckpt_dir, resume, main)
         start_epoch, start_batch, epoch_metrics = 0, 0, np.zeros(2, np.float32)
         key_data = jax.random.key_data(train_key)
         restored = (
-            _load_checkpoint(ckpt_dir, settings, identity, train_loader.num_batches, total_steps)
+            _restore(ckpt_dir, settings, identity, train_loader.num_batches, total_steps, main)
             if resume
             else None
         )
-        if resume and jax.process_count() > 1:
-            # Every process must continue from the same place: a checkpoint_dir that is not on a
-            # shared filesystem would let process 0 resume while the others start over.
-            from ginseng import distributed
-
-            where = np.asarray(
-                [restored is not None]
-                + ([restored["epoch"], restored["step_in_epoch"], restored["global_step"]] if restored else [0, 0, 0]),
-                np.int32,
-            )
-            found = distributed.process_allgather(where)
-            if not np.all(found == found[0]):
-                seen = "; ".join(
-                    f"process {p}: " + (f"epoch {r[1]}, step {r[2]}, global step {r[3]}" if r[0] else "no checkpoint")
-                    for p, r in enumerate(found.tolist())
-                )
-                msg = (
-                    f"processes found different checkpoints in checkpoint_dir {str(ckpt_dir)!r} ({seen}); "
-                    "it must be one directory that every process sees (a shared filesystem)"
-                )
-                raise ValueError(msg)
         if restored is not None:
             params = _replicate(restored["params"], mesh)
             opt_state = _replicate(restored["opt_state"], mesh)
@@ -1078,7 +891,7 @@ def GinsengTrainer(
                 setattr(logger, name, [int(v) if name == "epoch" else float(v) for v in values])
             if verbose:
                 print(
-                    f"[ginseng] resuming from {str(Path(ckpt_dir) / CHECKPOINT_NAME)!r} at epoch "
+                    f"[ginseng] resuming from {str(restored['path'])!r} at epoch "
                     f"{start_epoch + 1}, step {start_batch} of {train_loader.num_batches} "
                     f"(global step {restored['global_step']})",
                     flush=True,
@@ -1100,14 +913,18 @@ def GinsengTrainer(
         pending: collections.deque = collections.deque()
 
         def checkpoint(epoch, batch):
-            _save_checkpoint(
-                ckpt_dir, params=params, opt_state=opt_state, metrics=metrics, train_key=train_key,
-                epoch=epoch, batch=batch, batches_per_epoch=train_loader.num_batches, logger=logger,
-                settings=settings, identity=identity, total_steps=total_steps,
+            return save_checkpoint(
+                ckpt_dir,
+                state={"params": params, "opt_state": opt_state, "metrics": metrics, "train_key": train_key},
+                position={
+                    "epoch": epoch, "step_in_epoch": batch, "total_steps": total_steps,
+                    "batches_per_epoch": train_loader.num_batches,
+                },
+                logger=logger, settings=settings, identity=identity, keep=settings.keep_checkpoints,
             )
 
         def preempted(epoch, batch):
-            checkpoint(epoch, batch)
+            written = checkpoint(epoch, batch)
             if jax.process_count() > 1:
                 from ginseng import distributed
 
@@ -1115,7 +932,7 @@ def GinsengTrainer(
             if verbose:
                 why = signal.Signals(stop.received).name if stop.received is not None else "another process's signal"
                 print(
-                    f"[ginseng] {why}: checkpoint written to {str(Path(ckpt_dir) / CHECKPOINT_NAME)!r} at "
+                    f"[ginseng] {why}: checkpoint written to {str(written)!r} at "
                     f"epoch {epoch + 1}, step {batch}; exiting with code {PREEMPTED_EXIT_CODE} "
                     "(resume=True continues)",
                     flush=True,

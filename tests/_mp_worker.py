@@ -25,7 +25,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-import ginseng.train as T
+import ginseng._checkpoint as C
 from ginseng import distributed
 from ginseng.data import GinsengDataset
 from ginseng.train import GinsengTrainer, GinsengTrainerSettings
@@ -83,7 +83,7 @@ def _hooked_dataset_class(progress: bool, delay: float):
 
 
 def _slow_saves(seconds: float) -> None:
-    original = T._write_tree
+    original = C.write_tree
     saves = []
 
     def write_tree(group, tree):
@@ -95,7 +95,7 @@ def _slow_saves(seconds: float) -> None:
             if len(saves) > 1:  # the first save completes: there is a checkpoint to keep
                 time.sleep(seconds)
 
-    T._write_tree = write_tree
+    C.write_tree = write_tree
 
 
 def main(argv) -> int:

@@ -31,10 +31,11 @@ from ginseng.train import (
     PREEMPTED_EXIT_CODE,
     GinsengTrainer,
     GinsengTrainerSettings,
+    latest_checkpoint,
+    list_checkpoints,
     read_checkpoint,
 )
 
-CKPT = "checkpoint.h5"
 
 
 def _identical(a, b) -> bool:
@@ -124,10 +125,10 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, at_step, how
         with pytest.raises(SystemExit) as exc:
             GinsengTrainer(InterruptingDataset(at_step, how), settings, epochs=2, silent=True)
         assert exc.value.code == PREEMPTED_EXIT_CODE == 75
-        rec = read_checkpoint(tmp_path / "ckpt" / CKPT)
+        rec = read_checkpoint(latest_checkpoint(tmp_path / "ckpt"))
         # The signal came before step `at_step`; the stop is read 2 steps later (or at the epoch end).
         assert rec["global_step"] == min(at_step + 3, 8 * (at_step // 8 + 1))
-    assert (tmp_path / "ckpt" / CKPT).exists()
+    assert latest_checkpoint(tmp_path / "ckpt") is not None
     log, resumed = GinsengTrainer(MemoryDataset(), settings, epochs=2, silent=True, resume=True)
     assert _identical(ref.params, resumed.params)
     assert log.to_dataframe().equals(log_ref.to_dataframe())
@@ -144,10 +145,10 @@ def test_signal_during_start_up_still_checkpoints_and_exits_75(tmp_path, capsys)
     with pytest.raises(SystemExit) as exc:
         GinsengTrainer(SignalBeforeTraining(), settings, epochs=2, silent=False)
     assert exc.value.code == PREEMPTED_EXIT_CODE
-    rec = read_checkpoint(tmp_path / "ckpt" / CKPT)
+    rec = read_checkpoint(latest_checkpoint(tmp_path / "ckpt"))
     assert (rec["epoch"], rec["step_in_epoch"], rec["global_step"]) == (0, 3, 3)  # read 2 steps late
     out = capsys.readouterr().out
-    assert f"SIGUSR1: checkpoint written to '{tmp_path / 'ckpt' / CKPT}' at epoch 1, step 3; exiting with code 75" in out
+    assert f"SIGUSR1: checkpoint written to '{latest_checkpoint(tmp_path / 'ckpt')}' at epoch 1, step 3; exiting with code 75" in out
     # Without a checkpoint_dir the signals keep their default meaning (nothing to resume from).
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
 
@@ -157,7 +158,7 @@ def test_checkpoint_holds_the_whole_training_state(store, tmp_path):
 
     settings = dataclasses.replace(RUN, checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=4)
     log, state = GinsengTrainer(store, settings, epochs=1, silent=True)
-    rec = read_checkpoint(tmp_path / "ckpt" / CKPT)
+    rec = read_checkpoint(latest_checkpoint(tmp_path / "ckpt"))
     ds = GinsengDataset(store)
     n = rec["batches_per_epoch"]
     assert n == ds.loader(BATCH, split="train", balance=True).num_batches > 4
@@ -176,14 +177,14 @@ def test_checkpoint_holds_the_whole_training_state(store, tmp_path):
         log.to_dataframe().astype(np.float64),
     )
     assert rec["dataset_identity"] == ds.identity
-    expected = {k: v for k, v in dataclasses.asdict(settings).items() if not k.startswith("checkpoint")}
+    expected = {k: v for k, v in dataclasses.asdict(settings).items() if not k.startswith("checkpoint") and k != "keep_checkpoints"}
     expected["betas"] = list(expected["betas"])
     assert rec["settings"] == expected
     # Mid-epoch: a crash after 6 steps leaves the step-4 checkpoint with that epoch's running loss.
     crash_dir = tmp_path / "crash"
     with pytest.raises(Crash):
         GinsengTrainer(InterruptingDataset(6, "crash"), dataclasses.replace(settings, checkpoint_dir=str(crash_dir)), epochs=1, silent=True)
-    mid = read_checkpoint(crash_dir / CKPT)
+    mid = read_checkpoint(latest_checkpoint(crash_dir))
     assert (mid["epoch"], mid["step_in_epoch"], mid["global_step"]) == (0, 4, 4)
     assert mid["metrics"][1] == 40.0 and mid["metrics"][0] > 0  # 4 full batches of 10 cells
     assert list(mid["logger"]["epoch"]) == []
@@ -198,16 +199,16 @@ def test_resume_refuses_other_settings_and_missing_dir(tmp_path):
     with pytest.raises(ValueError, match="resume=True needs settings.checkpoint_dir"):
         GinsengTrainer(MemoryDataset(), RUN, epochs=1, silent=True, resume=True)
     # A new run never overwrites another run's checkpoint.
-    before = (tmp_path / "ckpt" / CKPT).read_bytes()
-    with pytest.raises(FileExistsError, match=r"already holds a checkpoint \(checkpoint.h5\); pass resume=True"):
+    before = latest_checkpoint(tmp_path / "ckpt").read_bytes()
+    with pytest.raises(FileExistsError, match=r"already holds a checkpoint \(checkpoint-000000008\.h5\); pass resume=True"):
         GinsengTrainer(MemoryDataset(), settings, epochs=1, silent=True)
-    assert (tmp_path / "ckpt" / CKPT).read_bytes() == before
+    assert latest_checkpoint(tmp_path / "ckpt").read_bytes() == before
     # The cosine schedule spans the run: a resumed run cannot change its length.
     with pytest.raises(
         ValueError, match=r"a run of 1 epochs \(8 steps\), this run has 2 epochs \(16 steps\).*epochs=1"
     ):
         GinsengTrainer(MemoryDataset(), settings, epochs=2, silent=True, resume=True)
-    assert (tmp_path / "ckpt" / CKPT).read_bytes() == before
+    assert latest_checkpoint(tmp_path / "ckpt").read_bytes() == before
     # checkpoint_dir / checkpoint_every may change between a run and its resumption.
     moved = dataclasses.replace(settings, checkpoint_every=5)
     log, _ = GinsengTrainer(MemoryDataset(), moved, epochs=1, silent=True, resume=True)
@@ -230,7 +231,7 @@ def test_checkpoint_from_before_lr_schedules_resumes_at_a_constant_rate(tmp_path
 
     settings = dataclasses.replace(RUN, checkpoint_dir=str(tmp_path / "ckpt"))
     GinsengTrainer(MemoryDataset(), settings, epochs=1, silent=True)
-    with h5py.File(tmp_path / "ckpt" / CKPT, "r+") as f:  # as written before lr_schedule existed
+    with h5py.File(latest_checkpoint(tmp_path / "ckpt"), "r+") as f:  # as written before lr_schedule existed
         del f.attrs["total_steps"]
         old = json.loads(f.attrs["settings"])
         del old["lr_schedule"]
@@ -256,7 +257,7 @@ def test_resume_refuses_another_dataset(store, tmp_path):
 def one_checkpoint(tmp_path):
     settings = dataclasses.replace(RUN, checkpoint_dir=str(tmp_path / "ckpt"))
     GinsengTrainer(MemoryDataset(), settings, epochs=1, silent=True)
-    return settings, tmp_path / "ckpt" / CKPT
+    return settings, latest_checkpoint(tmp_path / "ckpt")
 
 
 def _resume(settings):
@@ -295,7 +296,7 @@ def test_checkpoint_with_missing_part_or_disagreeing_parts(one_checkpoint):
     with pytest.raises(ValueError, match=rf"checkpoint '{path}' is corrupted or incomplete: KeyError"):
         _resume(settings)
     GinsengTrainer(MemoryDataset(), dataclasses.replace(settings, checkpoint_dir=str(path.parent / "b")), epochs=1, silent=True)
-    other = path.parent / "b" / CKPT
+    other = latest_checkpoint(path.parent / "b")
     with h5py.File(other, "r+") as f:
         f.attrs["global_step"] = 99
     with pytest.raises(ValueError, match=rf"'{other}' is corrupted or incomplete: its parts disagree"):
@@ -443,16 +444,16 @@ def test_sigkill_at_random_steps_and_mid_save_then_resume_is_bit_identical(store
     steps = []
     for _ in range(3):
         _kill_at_random_step(store, out, ckpt, rng)
-        steps.append(read_checkpoint(ckpt / CKPT)["global_step"] if (ckpt / CKPT).exists() else 0)
+        steps.append(read_checkpoint(latest_checkpoint(ckpt))["global_step"] if latest_checkpoint(ckpt) else 0)
     assert steps == sorted(steps) and steps[-1] > 0, steps  # progress was kept across kills
 
     first = _kill_mid_save(store, out, ckpt)
-    temps = list(ckpt.glob(f".{CKPT}.tmp-*"))
+    temps = list(ckpt.glob(".checkpoint*.tmp-*"))
     assert len(temps) == 1, sorted(p.name for p in ckpt.iterdir())  # older ones were cleaned up
     # The half-written file is refused with its name; the previous checkpoint is intact.
     with pytest.raises(ValueError, match=rf"checkpoint '{temps[0]}' is (corrupted or incomplete|not a readable HDF5)"):
         read_checkpoint(temps[0])
-    rec = read_checkpoint(ckpt / CKPT)
+    rec = read_checkpoint(latest_checkpoint(ckpt))
     assert (rec["epoch"], rec["step_in_epoch"]) == first or (rec["epoch"], rec["step_in_epoch"]) == (first[0] + 1, 0)
     assert rec["global_step"] > steps[-1]
 
@@ -460,7 +461,7 @@ def test_sigkill_at_random_steps_and_mid_save_then_resume_is_bit_identical(store
     assert codes == [0], texts[0][-3000:]
     _assert_same_npz(out, ref.params)
     pd.testing.assert_frame_equal(_read_exact_csv(f"{out}.csv"), log_ref.to_dataframe(), check_exact=True)
-    assert not list(ckpt.glob(f".{CKPT}.tmp-*"))  # the resumed run removed the stale temporary
+    assert not list(ckpt.glob(".checkpoint*.tmp-*"))  # the resumed run removed the stale temporary
 
 
 def test_stop_requests_are_summed_over_all_devices():
@@ -549,7 +550,7 @@ def test_two_processes_sigkill_both_then_resume_is_bit_identical(store, tmp_path
     finally:
         kill_all(procs)
     assert [p.returncode for p in procs] == [-signal.SIGKILL] * 2
-    assert read_checkpoint(ckpt / CKPT)["global_step"] >= 2
+    assert read_checkpoint(latest_checkpoint(ckpt))["global_step"] >= 2
     _mp_resume_and_compare(store, out, ckpt, mp_reference)
 
 
@@ -571,7 +572,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step(store, tmp_path, mp_refer
     # Both processes consumed the same batches, and the checkpoint sits right after the last one.
     last = [[ln.split() for ln in t.splitlines() if ln.startswith("step")][-1] for t in texts]
     assert last[0] == last[1], last
-    rec = read_checkpoint(ckpt / CKPT)
+    rec = read_checkpoint(latest_checkpoint(ckpt))
     epoch, batch = int(last[0][1]), int(last[0][2])
     assert (rec["epoch"], rec["step_in_epoch"]) in {(epoch, batch + 1), (epoch + 1, 0)}
     _mp_resume_and_compare(store, out, ckpt, mp_reference)

@@ -28,6 +28,7 @@ from ginseng.config import (
 )
 from ginseng.data import GinsengDataset
 from ginseng.io import load_ginseng_state
+from ginseng.train import list_checkpoints
 
 N_CELLS, N_GENES = 300, 60
 TINY = ["trainer.epochs=2", "trainer.batch_size=64", "model.hidden_dim=16", "silent=true"]
@@ -110,14 +111,14 @@ def test_overwrite_retrains_in_a_finished_run_directory(trained, tiny_h5ad, tmp_
 
     workdir = tmp_path / "run"
     shutil.copytree(trained[0], workdir)
-    assert (workdir / "checkpoints" / "checkpoint.h5").is_file()
+    assert list_checkpoints(workdir / "checkpoints")
     old_model = (workdir / "model.h5").read_bytes()
     base = [f"data.path={tiny_h5ad}", "genes.n_top_genes=30", "genes.min_mean=0.0", *TINY]
     result = tasks.run(_raw_compose(["task=train", "overwrite=true", "trainer.seed=7", *base]), workdir)
     assert result.macro_f1 is not None
     assert (workdir / "model.h5").read_bytes() != old_model
     assert len(pd.read_csv(workdir / "metrics.csv")) == len(result.logger.epoch)
-    assert (workdir / "checkpoints" / "checkpoint.h5").is_file()  # the new run's
+    assert list_checkpoints(workdir / "checkpoints")  # the new run's
 
 
 def test_prepare_refuses_store_built_with_other_settings(trained, tiny_h5ad):
