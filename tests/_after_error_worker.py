@@ -21,16 +21,16 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import h5py  # noqa: E402
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from conftest import make_counts  # noqa: E402
+import h5py
+import jax
+import numpy as np
+from conftest import make_counts
 
-from ginseng.annotate import annotate  # noqa: E402
-from ginseng.data import GinsengDataset  # noqa: E402
-from ginseng.train import GinsengTrainer, GinsengTrainerSettings, list_checkpoints  # noqa: E402
+from ginseng.annotate import annotate
+from ginseng.data import GinsengDataset
+from ginseng.train import GinsengTrainer, GinsengTrainerSettings, list_checkpoints
 
-SETTINGS = dict(hidden_dim=8, batch_size=16, seed=3)
+SETTINGS = {"hidden_dim": 8, "batch_size": 16, "seed": 3}
 
 
 def damage_in_the_middle(path: Path) -> str:
@@ -98,7 +98,7 @@ def damaged_checkpoint(workdir: Path) -> None:
     where = damage_in_the_middle(kept[0])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        log, resumed = GinsengTrainer(ds, settings, epochs=2, silent=True, resume=True)
+        _log, resumed = GinsengTrainer(ds, settings, epochs=2, silent=True, resume=True)
     said = [str(w.message) for w in caught if str(kept[0]) in str(w.message)]
     assert said and where in said[0] and f"resuming from the checkpoint before it, {str(kept[1])!r}" in said[0], [
         str(w.message) for w in caught

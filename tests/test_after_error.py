@@ -22,7 +22,7 @@ def _run_worker(*args, timeout):
     try:
         proc = subprocess.run(
             [sys.executable, str(WORKER), *map(str, args)],
-            capture_output=True, text=True, timeout=timeout, env=env, cwd=HERE.parent,
+            capture_output=True, text=True, timeout=timeout, env=env, cwd=HERE.parent, check=False,
         )
     except subprocess.TimeoutExpired as err:
         out = (err.stdout or b"").decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")
@@ -46,7 +46,7 @@ def _readme_bad_input_tests() -> dict[str, str]:
     names = set(re.findall(r"`(test_\w+)`", section))
     where = {}
     for path in sorted(HERE.glob("test_*.py")):
-        for name in re.findall(r"^def (test_\w+)", path.read_text(), re.M):
+        for name in re.findall(r"^def (test_\w+)", path.read_text(), re.MULTILINE):
             if name in names:
                 where[name] = path.name
     missing = sorted(names - set(where))
