@@ -32,10 +32,8 @@ from ginseng.train import (
     GinsengTrainer,
     GinsengTrainerSettings,
     latest_checkpoint,
-    list_checkpoints,
     read_checkpoint,
 )
-
 
 
 def _identical(a, b) -> bool:
