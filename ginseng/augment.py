@@ -91,12 +91,14 @@ def augment_dropgene(
         Filtered counts.
     """
     n_genes = x.shape[-1]
-    if not 0 <= lower < upper:
-        msg = f"augment_dropgene needs 0 <= lower < upper, got lower={lower}, upper={upper}"
+    if not 0 <= lower <= upper:
+        msg = f"augment_dropgene needs 0 <= lower <= upper, got lower={lower}, upper={upper}"
         raise ValueError(msg)
     k_n, k_idx = jax.random.split(key)
-    n = jax.random.randint(k_n, (), lower, upper)
-    k = min(upper - 1, n_genes)
+    # lower == upper: exactly `lower` genes (as jax.random.randint gives for an empty range), so
+    # lower=upper=0 drops nothing.
+    n = jax.random.randint(k_n, (), lower, upper) if upper > lower else jnp.asarray(lower)
+    k = min(max(upper - 1, lower), n_genes)
     if k == 0:
         return x
     # The k genes with the largest uniform scores are a uniform random k-subset; keep the first n.

@@ -82,6 +82,30 @@ _ALL_CHUNKS_ATTR = "all_chunks_stored"
 _ARRAY_CONFIG = {"write_empty_chunks": True}
 
 
+
+class _Flag:
+    """A truth value that is also callable: ``if flag:`` and ``if flag():`` mean the same."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: bool):
+        self.value = bool(value)
+
+    def __bool__(self) -> bool:
+        return self.value
+
+    def __call__(self) -> bool:
+        return self.value
+
+    def __eq__(self, other) -> bool:
+        return self.value == bool(other)
+
+    def __hash__(self) -> int:
+        return hash(self.value)
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
 def _codec() -> BloscCodec:
     return BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
 
@@ -883,9 +907,19 @@ class GinsengDataset:
         )
 
     # ------------------------------------------------------------------ splits
-    def has_holdout(self) -> bool:
-        """Whether the dataset has a train/holdout split."""
-        return bool(self.attrs.get("split"))
+    @property
+    def has_holdout(self) -> _Flag:
+        """Whether the dataset has a train/holdout split.
+
+        A property, as in ginseng 0.1 (``if ds.has_holdout:``); the value can also be called,
+        ``ds.has_holdout()``, as the seed API lists it among the methods.
+        """
+        return _Flag(bool(self.attrs.get("split")))
+
+    @property
+    def n_groups(self) -> int:
+        """Number of distinct groups (0 when the dataset was created without groups)."""
+        return 0 if self.groups is None else len(np.unique(self.groups))
 
     def _split_indices(self, split: str) -> np.ndarray:
         if split == "train":

@@ -40,8 +40,18 @@ def test_dropgene_zeroes_between_lower_and_upper_genes(lower, upper):
 
 
 def test_dropgene_rejects_bad_bounds():
-    with pytest.raises(ValueError, match="lower=3, upper=3"):
-        augment_dropgene(KEY, X, 3, 3)
+    with pytest.raises(ValueError, match="lower=4, upper=3"):
+        augment_dropgene(KEY, X, 4, 3)
+    with pytest.raises(ValueError, match="lower=-1, upper=3"):
+        augment_dropgene(KEY, X, -1, 3)
+
+
+def test_dropgene_equal_bounds_drop_exactly_that_many():
+    # ginseng 0.1's own tests call lower=upper=0 and expect nothing dropped.
+    assert jnp.array_equal(augment_dropgene(KEY, X, 0, 0), X)
+    for i in range(5):  # X has no zeros: the zero columns are the dropped genes
+        y = augment_dropgene(jax.random.key(i), X, 3, 3)
+        assert int(jnp.sum(jnp.all(y == 0, axis=0))) == 3
 
 
 def test_augment_disabled_parts_are_identity_and_vmap_is_per_cell():
