@@ -389,9 +389,9 @@ def test_create_from_selected_cells(tmp_path, kind):
 def test_has_holdout_is_a_property_that_can_also_be_called_and_n_groups(tmp_path, small_adata):
     # ginseng 0.1 has `if ds.has_holdout:`; a bound method there would always be true.
     ds = GinsengDataset.create(tmp_path / "g.zarr", small_adata, "cell_type", groups="donor", silent=True)
-    assert not ds.has_holdout and not ds.has_holdout() and ds.has_holdout == False  # noqa: E712
+    assert not ds.has_holdout and not ds.has_holdout() and ds.has_holdout == False
     ds.make_holdout(0.2, rng=np.random.default_rng(0))
-    assert ds.has_holdout and ds.has_holdout() and ds.has_holdout == True  # noqa: E712
+    assert ds.has_holdout and ds.has_holdout() and ds.has_holdout == True
     assert ds.n_groups == small_adata.obs["donor"].nunique() == 5
     plain = GinsengDataset.create(tmp_path / "p.zarr", small_adata, "cell_type", silent=True)
     assert plain.n_groups == 0
