@@ -40,6 +40,8 @@ from jaxtyping import Array, Float
 from tqdm.auto import tqdm
 
 from ginseng._files import atomic_path, check_writable_target
+from ginseng._progress import bar_disabled
+from ginseng._report import Report, from_confusion
 from ginseng._threads import background
 from ginseng.nn import nn_annotate
 from ginseng.state import GinsengModelState
@@ -94,9 +96,32 @@ class _GeneMap(NamedTuple):
     identity: bool  # input columns are exactly the model genes, in order
 
 
+def _likely_mismatch_cause(input_genes: np.ndarray, model_genes: np.ndarray, n_found: int) -> str:
+    """A sentence on why few model genes match: letter case / species, or version suffixes."""
+    def folded(names, fold):
+        return {fold(str(g)) for g in names}
+
+    upper = len(folded(model_genes, str.upper) & folded(input_genes, str.upper))
+    if upper >= max(2 * n_found, n_found + 10):
+        return (
+            f"Ignoring letter case, {upper} of them would match: the names differ in case (e.g. a "
+            "mouse model, 'Cd4', on human data, 'CD4', or symbols written in another case): "
+            "annotate data of the model's species, or map the genes (orthologs) first"
+        )
+    strip = lambda g: g.split(".")[0]
+    unversioned = len(folded(model_genes, strip) & folded(input_genes, strip))
+    if unversioned >= max(2 * n_found, n_found + 10):
+        return f"Without version suffixes ('.5') {unversioned} of them would match: strip them from the input's names"
+    return (
+        "Check that the input is of the model's species, and names genes the same way (symbols vs "
+        "Ensembl ids; gene_key= chooses a var column)"
+    )
+
+
 def _map_genes(input_genes: np.ndarray, model_genes: np.ndarray, *, allow_missing: bool = True,
-               gene_key: str | None = None, var_columns=()) -> _GeneMap:
-    """Index the model's genes in the input; warn on partial overlap, raise on none."""
+               gene_key: str | None = None, var_columns=(), min_overlap: float | None = None) -> _GeneMap:
+    """Index the model's genes in the input; warn on partial overlap, raise on none (or on less
+    than ``min_overlap`` of the model's genes)."""
     input_genes = np.asarray(input_genes).astype(str)
     model_genes = np.asarray(model_genes).astype(str)
     n_model = len(model_genes)
@@ -132,6 +157,17 @@ def _map_genes(input_genes: np.ndarray, model_genes: np.ndarray, *, allow_missin
             f"none of the model's {n_model} genes (e.g. {[str(g) for g in model_genes[:3]]}) are in the input's "
             f"{len(input_genes)} genes ({where}, e.g. {[str(g) for g in input_genes[:3]]}); "
             f"var columns: {list(map(str, var_columns))}"
+        )
+        raise ValueError(msg)
+    if min_overlap is not None and n_found < min_overlap * n_model:
+        missing = model_genes[~found]
+        msg = (
+            f"only {n_found} of the model's {n_model} genes ({100.0 * n_found / n_model:.1f}%) are in "
+            f"the input ({where}); at least {100.0 * min_overlap:.0f}% must match "
+            f"(min_gene_overlap={min_overlap}). Missing model genes, e.g. "
+            f"{[str(g) for g in missing[:5]]}; input genes, e.g. {[str(g) for g in input_genes[:5]]}. "
+            f"{_likely_mismatch_cause(input_genes, model_genes, n_found)}. To annotate anyway, lower "
+            "min_gene_overlap (annotate.min_gene_overlap on the command line)"
         )
         raise ValueError(msg)
     if n_found < n_model:
@@ -495,54 +531,14 @@ def _open_zarr_arrays(path: Path, n_cells: int, chunk_rows: int, label_values, g
 # --------------------------------------------------------------------------------------------
 
 
-def _classification_report(confusion: np.ndarray, truth_labels: list[str], model_labels: list[str]
-                           ) -> tuple[pd.DataFrame, float]:
-    """Per-class precision / recall / F1 from a (truth x model) confusion matrix.
-
-    Classes are the union of truth labels and model labels (truth first). A ratio with a zero
-    denominator is 0. Macro-F1 is the mean F1 over classes with at least one true cell.
-    """
-    classes = list(truth_labels) + [m for m in model_labels if m not in set(truth_labels)]
-    idx = {c: i for i, c in enumerate(classes)}
-    k = len(classes)
-    full = np.zeros((k, k), dtype=np.int64)
-    ti = np.array([idx[t] for t in truth_labels], dtype=np.int64)
-    mi = np.array([idx[m] for m in model_labels], dtype=np.int64)
-    full[np.ix_(ti, mi)] = confusion
-    tp = np.diag(full).astype(np.float64)
-    support = full.sum(axis=1)
-    predicted = full.sum(axis=0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        precision = np.where(predicted > 0, tp / np.maximum(predicted, 1), 0.0)
-        recall = np.where(support > 0, tp / np.maximum(support, 1), 0.0)
-        denom = precision + recall
-        f1 = np.where(denom > 0, 2 * precision * recall / np.where(denom > 0, denom, 1), 0.0)
-    model_set = set(model_labels)
-    report = pd.DataFrame({
-        "cell_type": classes,
-        "precision": precision,
-        "recall": recall,
-        "f1": f1,
-        "support": support,
-        "predicted": predicted,
-        "in_model": [c in model_set for c in classes],
-    })
-    macro = float(f1[support > 0].mean()) if (support > 0).any() else float("nan")
-    return report, macro
-
-
-def _write_report(report: pd.DataFrame, macro: float, confusion: np.ndarray, truth_labels, model_labels,
+def _write_report(report: Report, confusion: np.ndarray, truth_labels, model_labels,
                   csv_path: Path, png_path: Path, overwrite: bool) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = pd.concat([report, pd.DataFrame([{
-        "cell_type": "macro_avg", "precision": report.loc[report.support > 0, "precision"].mean(),
-        "recall": report.loc[report.support > 0, "recall"].mean(), "f1": macro,
-        "support": int(report.support.sum()), "predicted": int(report.predicted.sum()), "in_model": None,
-    }])], ignore_index=True)
+    out = report.to_frame()
     with atomic_path(csv_path, overwrite=overwrite, what="report") as tmp:
         out.to_csv(tmp, index=False)
     fig, ax = plt.subplots(figsize=(1.5 + 0.45 * len(model_labels), 1.5 + 0.4 * len(truth_labels)))
@@ -553,7 +549,11 @@ def _write_report(report: pd.DataFrame, macro: float, confusion: np.ndarray, tru
     ax.set_yticks(range(len(truth_labels)), [str(t) for t in truth_labels], fontsize=7)
     ax.set_xlabel("predicted")
     ax.set_ylabel("truth")
-    ax.set_title(f"ginseng annotation (macro-F1 {macro:.3f}); row-normalized counts", fontsize=8)
+    ax.set_title(
+        f"ginseng annotation (macro-F1 on the model's {report.n_model_labels} labels "
+        f"{report.macro_f1:.3f}); row-normalized counts",
+        fontsize=8,
+    )
     for i in range(confusion.shape[0]):
         for j in range(confusion.shape[1]):
             if confusion[i, j]:
@@ -697,6 +697,7 @@ def annotate(
     output: str | os.PathLike | None = None,
     overwrite: bool = False,
     n_samples: int = 1,
+    min_gene_overlap: float | None = 0.5,
     truth_key: str | None = None,
     report_dir: str | os.PathLike | None = None,
     layer: str | None = None,
@@ -738,8 +739,8 @@ def annotate(
         If True, return a (cells x classes) table of softmax probabilities (columns: the model's
         label values, index: barcodes). With ``output``, written to ``<stem>.zarr/probs`` instead.
     return_attn : bool
-        If True, return the gene-level weights of every cell, a (cells x model genes) float32 array
-        (large: not recommended for large datasets without ``output``). With ``output``, written to
+        If True, return the gene-level weights of every cell, a (cells x model genes) float32
+        DataFrame, indexed by barcode, one column per model gene (large: not recommended for large datasets without ``output``). With ``output``, written to
         ``<stem>.zarr/attn`` block by block.
     return_table : bool
         If True, return a table with columns 'barcode', 'cell_type', 'confidence' (and 'entropy'
@@ -759,12 +760,19 @@ def annotate(
         Number of stochastic passes (requires ``randomness=True`` when > 1). Probabilities are
         averaged; the predictive entropy of the mean goes to ``obs["ginseng_entropy"]`` / the
         'entropy' column.
+    min_gene_overlap : float | None
+        Refuse (ValueError) when fewer than this fraction of the model's genes are found in the
+        input (default 0.5): with most genes missing nearly every cell gets one label. The error
+        shows examples of both sides and the likely cause (letter case, species, ids vs symbols).
+        None or 0 accepts any overlap (a warning still names the missing genes).
     truth_key : str | None
         An obs column with true labels (for a GinsengDataset: ``"labels"``). Prints per-class
         precision / recall / F1 and macro-F1 (mean F1 over true classes) and writes
-        ``annotate_report.csv`` and ``annotate_confusion.png`` into ``report_dir``, or
-        ``<output stem>.report.csv`` / ``<output stem>.confusion.png`` beside ``output``.
-        Labels absent from the model are reported (recall 0), not an error.
+        ``<output stem>.report.csv`` / ``<output stem>.confusion.png`` beside ``output`` (or
+        into ``report_dir``; stem ``annotations`` without an output). The headline macro-F1 is over
+        the model's labels, on the cells whose true label the model knows; true labels the model
+        lacks are listed with their cell counts, and the macro-F1 over all true labels (counting
+        those as 0) is reported beside it under its own name.
     report_dir : str | Path | None
         Folder for the truth report (must exist).
     layer : str | None
@@ -833,6 +841,11 @@ def annotate(
         msg = f"n_samples must be an integer >= 1, got {n_samples!r}"
         raise ValueError(msg)
     batch_size, n_samples = int(batch_size), int(n_samples)
+    if min_gene_overlap is not None and not (
+        isinstance(min_gene_overlap, (int, float)) and 0.0 <= float(min_gene_overlap) <= 1.0
+    ):
+        msg = f"min_gene_overlap must be a fraction in [0, 1] or None, got {min_gene_overlap!r}"
+        raise ValueError(msg)
     if n_samples > 1 and not randomness:
         msg = f"n_samples={n_samples} needs randomness=True: without dropout every pass is identical"
         raise ValueError(msg)
@@ -851,7 +864,8 @@ def annotate(
             if not rdir.is_dir():
                 msg = f"report_dir {str(rdir)!r} does not exist or is not a directory"
                 raise FileNotFoundError(msg)
-            report_paths = (rdir / "annotate_report.csv", rdir / "annotate_confusion.png")
+            stem = out_path.stem if out_path is not None else "annotations"
+            report_paths = (rdir / f"{stem}.report.csv", rdir / f"{stem}.confusion.png")
         elif out_path is not None:
             report_paths = (out_path.with_name(out_path.stem + ".report.csv"),
                             out_path.with_name(out_path.stem + ".confusion.png"))
@@ -879,12 +893,13 @@ def annotate(
             if gene_key is not None:
                 msg = f"gene_key={gene_key!r} does not apply to a GinsengDataset (its genes are fixed)"
                 raise ValueError(msg)
-            gmap = _map_genes(input_genes, model_genes, var_columns=())
+            gmap = _map_genes(input_genes, model_genes, var_columns=(), min_overlap=min_gene_overlap)
             n_cells = int(source.n_cells)
             barcodes_of = lambda a, b: np.arange(a, b).astype(str)
         else:
             input_genes = _input_gene_names(source.var, source.var_names, gene_key)
-            gmap = _map_genes(input_genes, model_genes, gene_key=gene_key, var_columns=source.var.columns)
+            gmap = _map_genes(input_genes, model_genes, gene_key=gene_key, var_columns=source.var.columns,
+                              min_overlap=min_gene_overlap)
             n_cells = int(source.n_obs)
             if kind == "h5ad":
                 barcodes_of = source.barcodes
@@ -1034,7 +1049,7 @@ def annotate(
                     zarr_arrays = _open_zarr_arrays(tmp_zarr, n_cells, global_batch, label_str, model_genes,
                                                     bool(return_probs), bool(return_attn))
 
-            bar = tqdm(total=n_cells, unit="cells", desc="annotate", disable=silent or not is_writer)
+            bar = tqdm(total=n_cells, unit="cells", desc="annotate", disable=bar_disabled(silent or not is_writer, n_cells))
             stack.callback(bar.close)
 
             def consume(i: int, out_dev) -> None:
@@ -1085,17 +1100,15 @@ def annotate(
                     append_table(a, b, {k: v[a:b] for k, v in res.items()})
 
             if confusion is not None and is_writer:
-                report, macro = _classification_report(confusion, truth_labels, label_str)
-                absent = [t for t in truth_labels if t not in set(label_str)]
+                report = from_confusion(confusion, truth_labels, label_str, label_str)
                 if not silent:
                     with pd.option_context("display.max_rows", None, "display.width", 120):
-                        print(report.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-                    print(f"macro-F1: {macro:.4f}")
-                    if absent:
-                        print(f"truth labels not in the model (recall 0 by construction): {absent}")
+                        print(report.table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+                    print("\n".join(report.lines()))
                 if report_paths is not None:
-                    _write_report(report, macro, confusion, truth_labels, label_str,
-                                  report_paths[0], report_paths[1], overwrite)
+                    _write_report(report, confusion, truth_labels, label_str, *report_paths, overwrite)
+                    if not silent:
+                        print(f"Wrote {report_paths[0]} and {report_paths[1]}")
 
         if not in_memory:
             if kind == "h5ad":
@@ -1138,8 +1151,9 @@ def annotate(
         if return_probs:
             results.append(pd.DataFrame(res["probs"], index=pd.Index(barcodes, name="barcode"),
                                         columns=pd.Index(label_values)))
-        if return_attn:
-            results.append(res["attn"])
+        if return_attn:  # labelled like the probabilities: barcodes x the model's genes
+            results.append(pd.DataFrame(res["attn"], index=pd.Index(barcodes, name="barcode"),
+                                        columns=pd.Index(model_genes, name="gene")))
         if not results:
             return None
         return results[0] if len(results) == 1 else tuple(results)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import difflib
 import enum
 import os
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -99,6 +99,14 @@ class DataConfig:
     groups: str | None = None
     """Column of ``obs`` with a group per cell (donor, batch) for group-level holdouts."""
 
+    labels_file: str | None = None
+    """A CSV of ``barcode,label`` giving every cell its label, for inputs without obs columns
+    (10x .h5 / mtx). It becomes the obs column named by ``data.labels``; every barcode must match
+    a cell of the input and every cell must have a label."""
+
+    groups_file: str | None = None
+    """A CSV of ``barcode,group``, as ``data.labels_file``, for the column named by ``data.groups``."""
+
     gene_key: str | None = None
     """Column of ``var`` with the gene names to use; None: ``var_names``."""
 
@@ -110,10 +118,11 @@ class DataConfig:
     annotation read the training and test rows block by block from the file, so memory does not
     grow with the number of cells (obs is still read whole, as anndata's backed mode does)."""
 
-    min_cells: int = 10
-    """Labels with fewer cells than this in the input are left out (listed in a warning): they
-    are too small to split into test, training and holdout cells. 0 keeps every label (then the
-    smallest label must still leave one holdout cell; the error says how)."""
+    min_cells: int | None = None
+    """Labels with fewer cells than this in the input are left out (named in a warning and in the
+    end summary). null (default): the fewest cells that still leave one holdout cell after the
+    test split (6 at the default fractions; benchmarks/RESULTS.md 10). 0 keeps every label (then
+    the smallest label must still leave one holdout cell; the error says how)."""
 
     test_fraction: float = 0.2
     """Fraction of the cells of every label set aside (stratified) before the dataset is built,
@@ -333,6 +342,10 @@ class AnnotateConfig:
     layer: str | None = None
     """Read counts from ``adata.layers[layer]`` instead of ``X`` (where a file keeps raw counts)."""
 
+    min_gene_overlap: float | None = 0.5
+    """Refuse to annotate when fewer than this fraction of the model's genes are in the input
+    (a mouse model on human data, symbols in another case); null accepts any overlap."""
+
     backed: bool = False
     """Open an .h5ad input in backed mode (bounded memory)."""
 
@@ -348,6 +361,8 @@ class AnnotateConfig:
     def __post_init__(self) -> None:
         _check_min("annotate.batch_size", self.batch_size, 1)
         _check_min("annotate.n_samples", self.n_samples, 1)
+        if self.min_gene_overlap is not None:
+            _check_fraction("annotate.min_gene_overlap", self.min_gene_overlap, low_open=False)
 
 
 @dataclass
@@ -618,3 +633,44 @@ def to_trainer_settings(cfg: GinsengConfig, workdir: str | os.PathLike | None = 
     known = {f.name for f in fields(GinsengTrainerSettings)}
     # checkpoint_* arrive with the checkpoint work; pass only what the trainer knows.
     return GinsengTrainerSettings(**{k: v for k, v in values.items() if k in known})
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """The attribute docstrings of a config dataclass (the string under each field)."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, after in zip(body, [*body[1:], None], strict=True):
+        documented = isinstance(after, ast.Expr) and isinstance(getattr(after, "value", None), ast.Constant)
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and documented:
+            docs[node.target.id] = " ".join(str(after.value.value).split())
+    return docs
+
+
+def describe_keys(width: int = 100) -> str:
+    """Every configuration key with its default and documentation, for ``--help``."""
+    import textwrap
+
+    lines = []
+
+    def walk(cls, prefix: str) -> None:
+        docs = _field_docs(cls)
+        for f in fields(cls):
+            tp = _resolve_type(f.type)
+            if is_dataclass(tp):
+                lines.append(f"\n[{prefix}{f.name}] {' '.join((tp.__doc__ or '').split())}")
+                walk(tp, f"{prefix}{f.name}.")
+                continue
+            default = f.default if f.default is not MISSING else "(required)"
+            default = getattr(default, "value", default)  # enums print as their value
+            shown = "null" if default is None else str(default).lower() if isinstance(default, bool) else default
+            lines.append(f"  {prefix}{f.name}={shown}")
+            if f.name in docs:
+                lines.extend(textwrap.wrap(docs[f.name], width, initial_indent="      ", subsequent_indent="      "))
+
+    walk(GinsengConfig, "")
+    return "\n".join(lines).lstrip("\n")

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from zarr.codecs import BloscCodec
 
 from ginseng._files import atomic_path
+from ginseng._progress import bar_disabled
 from ginseng._threads import background
 from ginseng.utils import _check_cells, _layer_names, _row_block
 
@@ -238,7 +239,7 @@ class _Source:
     def blocks(self, desc: str, silent: bool):
         step = self.block_rows()
         starts = range(0, self.n_rows, step)
-        for start in tqdm(starts, desc=desc, disable=silent, unit="block"):
+        for start in tqdm(starts, desc=desc, disable=bar_disabled(silent, len(starts)), unit="block"):
             yield start, self.block(start, min(self.n_rows, start + step))
 
 
@@ -812,7 +813,7 @@ class GinsengDataset:
 
         if source.in_memory:
             for s0 in tqdm(
-                range(0, n_cells, run), desc="writing counts", disable=silent, unit="run"
+                range(0, n_cells, run), desc="writing counts", disable=bar_disabled(silent, -(-n_cells // run)), unit="run"
             ):
                 s1 = min(n_cells, s0 + run)
                 xa[s0:s1] = dense(source.rows(order[s0:s1]))
@@ -863,7 +864,7 @@ class GinsengDataset:
             msg = "internal: the spill buckets were not filled exactly"
             raise RuntimeError(msg)
         piece = max(1, _READ_BLOCK_BYTES // max(1, n_genes * dtype.itemsize) // chunk_rows) * chunk_rows
-        for b in tqdm(range(n_runs), desc="writing counts (2/2: permute)", disable=silent, unit="run"):
+        for b in tqdm(range(n_runs), desc="writing counts (2/2: permute)", disable=bar_disabled(silent, n_runs), unit="run"):
             s0, s1 = b * run, min(n_cells, (b + 1) * run)
             p0, p1 = bounds[b], bounds[b + 1]
             buf = np.empty((s1 - s0, n_genes), dtype=dtype)

@@ -23,6 +23,8 @@ import io
 import logging
 import os
 import sys
+import warnings
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -54,7 +56,9 @@ def _app(cfg: DictConfig):
     )
     workdir = HydraConfig.get().runtime.output_dir
     log_file = _hydra_log_file()
-    with _tee_stdout(log_file):
+    with _tee_stdout(log_file), warnings.catch_warnings():
+        # A warning is for the user: one line, not a line of ginseng's source under it.
+        warnings.showwarning = _show_warning
         try:
             tasks.run(conf, workdir)
         except USER_ERRORS as err:
@@ -69,11 +73,33 @@ def _app(cfg: DictConfig):
             if log_file is not None:
                 with open(log_file, "a") as fh:
                     fh.write(line + "\n")
+            if distributed.process_index() == 0:
+                _drop_empty_run_dir(Path(workdir))
             sys.stdout.flush()
             sys.stderr.flush()
             if distributed.process_count() > 1:
                 os._exit(1)  # see distributed.initialize(exit_on_error=...)
             sys.exit(1)
+
+
+def _drop_empty_run_dir(workdir: Path) -> None:
+    """After an input error, remove the timestamped run directory Hydra made for this run when it
+    holds nothing but Hydra's own bookkeeping (.hydra/, launch.log): no empty outputs/<date>/<time>/
+    per typo. A directory the user named (hydra.run.dir, GINSENG_RUN_DIR) is left alone."""
+    import shutil
+
+    if os.environ.get(RUN_DIR_ENV) or any(o.startswith("hydra.run.dir=") for o in _command_line_overrides(sys.argv[1:])):
+        return
+    if not workdir.is_dir() or not set(os.listdir(workdir)) <= {".hydra", "launch.log"}:
+        return
+    shutil.rmtree(workdir, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        workdir.parent.rmdir()  # the date folder, when this was its only run
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    name = "Warning" if category is UserWarning else category.__name__
+    print(f"{name}: {message}", file=sys.stderr, flush=True)
 
 
 # Exceptions that ginseng raises for bad input, bad settings or an existing output; anything
@@ -168,10 +194,50 @@ def _share_run_dir() -> None:
         raise SystemExit(f"Error: {msg}")
 
 
+HELP = """ginseng: train a cell-type classifier and annotate cells (a Hydra application).
+
+usage: python -m ginseng.launch [key=value ...]        (or: ginseng [key=value ...])
+       python -m ginseng.launch --multirun key=a,b ...   one run per value
+       python -m ginseng.launch --cfg job                the composed config
+       ginseng-local N DEVICES_PER_PROCESS [key=value ...]  N processes on this machine
+
+Outputs go to outputs/<date>/<time>/ (hydra.run.dir=... to choose). Every key, its default and
+what it does:
+
+"""
+
+
+def _check_values(overrides: list[str]) -> None:
+    """Compose once so that a value of the wrong type ('trainer.epochs=three') is one line, not
+    OmegaConf's multi-line report."""
+    from hydra.errors import ConfigCompositionException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from ginseng.config import compose
+
+    try:
+        to_object(compose(overrides))
+    except (OmegaConfBaseException, ConfigCompositionException) as caught:
+        err = caught.__cause__ if isinstance(caught.__cause__, OmegaConfBaseException) else caught
+        key = getattr(err, "full_key", None) or "a value"
+        given = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~") == key), None)
+        first = str(err).splitlines()[0]
+        raise ConfigKeyError(f"{key}={given}: {first}" if given is not None else first) from None
+
+
 def main() -> None:
     """Entry point of ``python -m ginseng.launch`` and the ``ginseng`` console script."""
+    argv = sys.argv[1:]
+    if any(a in ("--help", "-h") for a in argv):
+        from ginseng.config import describe_keys
+
+        print(HELP + describe_keys() + "\n\nHydra's own options: --hydra-help")
+        return
     try:
-        validate_overrides(_command_line_overrides(sys.argv[1:]))
+        overrides = _command_line_overrides(argv)
+        validate_overrides(overrides)
+        if not any(a in ("--multirun", "-m") for a in argv) and not any("," in o for o in overrides):
+            _check_values(overrides)
     except ConfigKeyError as err:
         print(f"Error: {err}", file=sys.stderr)
         sys.exit(2)

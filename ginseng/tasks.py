@@ -27,6 +27,7 @@ import yaml
 from omegaconf import DictConfig
 
 from ginseng._files import atomic_path, check_writable_target
+from ginseng._report import Report, from_labels
 from ginseng.config import GeneSelection, GinsengConfig, Task, to_object, to_trainer_settings
 
 __all__ = [
@@ -149,6 +150,12 @@ def _read_input(conf: GinsengConfig):
         msg = f"data.path {str(path)!r} does not exist (expected an .h5ad, 10x .h5 or mtx folder)"
         raise FileNotFoundError(msg)
     adata = read_adata(path, backed=conf.data.backed)
+    for what, file, key in (
+        ("data.labels_file", conf.data.labels_file, conf.data.labels),
+        ("data.groups_file", conf.data.groups_file, conf.data.groups),
+    ):
+        if file is not None:
+            _attach_column(adata, _resolve_input(file), key, what)
     for what, key in (("data.labels", conf.data.labels), ("data.groups", conf.data.groups)):
         if key is not None and key not in adata.obs.columns:
             msg = (
@@ -172,6 +179,44 @@ def _read_input(conf: GinsengConfig):
         )
         raise KeyError(msg)
     return path, adata
+
+
+def _resolve_input(path: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        msg = f"{str(p)!r} does not exist (expected a CSV of barcode,value)"
+        raise FileNotFoundError(msg)
+    return p
+
+
+def _attach_column(adata, path: Path, key: str | None, what: str) -> None:
+    """Set ``adata.obs[key]`` from a two-column CSV (barcode, value); every barcode must match."""
+    if key is None:
+        msg = f"{what} needs the obs column name to fill: set data.groups=<name> with data.groups_file"
+        raise ValueError(msg)
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if table.shape[1] != 2:
+        msg = f"{what} {str(path)!r} must have 2 columns (barcode, value); found {list(table.columns)}"
+        raise ValueError(msg)
+    barcodes, values = table.iloc[:, 0].to_numpy(str), table.iloc[:, 1].to_numpy(str)
+    dup = pd.Index(barcodes)[pd.Index(barcodes).duplicated()]
+    cells = pd.Index(adata.obs_names.astype(str))
+    unknown = np.setdiff1d(barcodes, cells.to_numpy())
+    missing = cells.difference(pd.Index(barcodes))
+    if len(dup) or len(unknown) or len(missing):
+        parts = []
+        if len(unknown):
+            parts.append(f"{len(unknown)} of its {len(barcodes)} barcodes are not cells of the input, e.g. {unknown[:3].tolist()}")
+        if len(missing):
+            parts.append(f"{len(missing)} of the input's {len(cells)} cells have no row, e.g. {missing[:3].tolist()}")
+        if len(dup):
+            parts.append(f"{len(dup)} barcodes appear twice, e.g. {dup[:3].tolist()}")
+        msg = (
+            f"{what} {str(path)!r} does not match the input's barcodes (obs_names, e.g. "
+            f"{cells[:3].tolist()}): " + "; ".join(parts)
+        )
+        raise ValueError(msg)
+    adata.obs[key] = pd.Categorical(pd.Series(values, index=barcodes).reindex(cells).to_numpy())
 
 
 def stratified_split(labels, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -215,26 +260,46 @@ def _label_counts(labels) -> pd.Series:
     return pd.Series(pd.Series(labels).astype(str)).value_counts(sort=False)
 
 
+def effective_min_cells(conf: GinsengConfig) -> int:
+    """``data.min_cells``, or when it is null the fewest cells a label can have and still keep
+    one holdout cell: after ``data.test_fraction`` of it is set aside (``stratified_split``), the
+    trainer holds out floor(training cells x ``trainer.holdout_fraction``) of every label. At the
+    defaults (0.2, 0.2) that is 6 cells. Group-level holdouts hold out whole groups: 2 cells
+    (one to train on, one to test)."""
+    if conf.data.min_cells is not None:
+        return int(conf.data.min_cells)
+    if conf.trainer.group_level:
+        return 2
+    f, t = conf.trainer.holdout_fraction, conf.data.test_fraction
+    n = 2
+    while int((n - min(round(n * t), n - 1)) * f) < 1:
+        n += 1
+    return n
+
+
 def _cells_of_large_labels(conf: GinsengConfig, labels) -> np.ndarray:
-    """Rows whose label has at least ``data.min_cells`` cells; the others are named in a warning."""
+    """Rows whose label has at least ``effective_min_cells`` cells; the others are named in a
+    warning (and again in the end summary)."""
     import warnings
 
+    min_cells = effective_min_cells(conf)
     counts = _label_counts(labels)
-    small = counts[counts < conf.data.min_cells].sort_values()
+    small = counts[counts < min_cells].sort_values()
     as_str = np.asarray(pd.Series(labels).astype(str))
     keep = ~np.isin(as_str, small.index.to_numpy())
     if len(small):
         listed = ", ".join(f"{k!r} ({v})" for k, v in small.items())
         msg = (
-            f"leaving out {len(small)} of {len(counts)} labels with fewer than "
-            f"data.min_cells={conf.data.min_cells} cells ({int((~keep).sum())} cells): {listed}; "
-            "set data.min_cells=0 to keep them"
+            f"leaving out {len(small)} of {len(counts)} labels with fewer than {min_cells} cells "
+            f"({int((~keep).sum())} cells; the model will not know them): {listed}. Fewer cells "
+            f"leave no holdout cell at trainer.holdout_fraction={conf.trainer.holdout_fraction}; "
+            "data.min_cells sets the minimum"
         )
         if _is_main():
             warnings.warn(msg, UserWarning, stacklevel=3)
     if keep.sum() == 0 or len(counts) - len(small) < 2:
         msg = (
-            f"data.min_cells={conf.data.min_cells} leaves {len(counts) - len(small)} label(s) "
+            f"data.min_cells={min_cells} leaves {len(counts) - len(small)} label(s) "
             f"of {len(counts)} in data.labels={conf.data.labels!r}; at least 2 are needed "
             f"(label counts: {dict(counts.sort_values(ascending=False).head(20))})"
         )
@@ -432,34 +497,21 @@ def run_prepare(conf: GinsengConfig, workdir: str | os.PathLike, reuse: bool = F
 # train
 
 
-def classification_report(truth, predicted) -> tuple[pd.DataFrame, float]:
-    """Per-class precision, recall, F1 and support, and the macro-F1.
+def classification_report(truth, predicted, model_labels=None) -> tuple[pd.DataFrame, float]:
+    """Per-class precision, recall, F1 and support, and the macro-F1 (ginseng's one report).
 
-    Classes are the union of the true and predicted labels (as scikit-learn's ``f1_score``
-    with ``average="macro"``); a class never predicted has precision 0.
+    The macro-F1 is over the model's labels present in the truth, on the cells whose true label
+    the model knows (``model_labels``; default: every true and predicted label), the figure
+    annotate prints first. Labels the model lacks have NaN scores in the table.
 
     Returns
     -------
     report : pd.DataFrame
-        Columns ``label, precision, recall, f1, support``.
+        Columns ``cell_type, in_model, support, predicted, precision, recall, f1``.
     macro_f1 : float
     """
-    truth = np.asarray(pd.Series(truth).astype(str))
-    predicted = np.asarray(pd.Series(predicted).astype(str))
-    if truth.shape != predicted.shape:
-        msg = f"truth has {truth.shape[0]} labels but predicted has {predicted.shape[0]}"
-        raise ValueError(msg)
-    rows = []
-    for label in np.union1d(truth, predicted):
-        tp = int(np.sum((truth == label) & (predicted == label)))
-        n_pred = int(np.sum(predicted == label))
-        n_true = int(np.sum(truth == label))
-        precision = tp / n_pred if n_pred else 0.0
-        recall = tp / n_true if n_true else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        rows.append((label, precision, recall, f1, n_true))
-    report = pd.DataFrame(rows, columns=["label", "precision", "recall", "f1", "support"])
-    return report, float(report["f1"].mean()) if len(report) else float("nan")
+    rep = from_labels(truth, predicted, model_labels)
+    return rep.table, rep.macro_f1
 
 
 def _call_supported(fn, *args, **kwargs):
@@ -470,9 +522,7 @@ def _call_supported(fn, *args, **kwargs):
     return fn(*args, **kwargs)
 
 
-def _evaluate_test(
-    conf: GinsengConfig, prepared: PreparedData, state, output: Path
-) -> tuple[pd.DataFrame, float] | None:
+def _evaluate_test(conf: GinsengConfig, prepared: PreparedData, state, output: Path) -> Report | None:
     """Annotate the test cells into ``output``; on process 0 return the report and macro-F1.
 
     Every process takes part (annotate shards the cells over all devices of all processes);
@@ -511,40 +561,94 @@ def _evaluate_test(
         )
         raise RuntimeError(msg)
     truth = np.asarray(prepared.adata.obs[conf.data.labels].to_numpy()[prepared.test_indices]).astype(str)
-    return classification_report(truth, table["cell_type"].to_numpy(str))
+    return from_labels(truth, table["cell_type"].to_numpy(str), [str(v) for v in state.label_values])
+
+
+def _train_files(workdir: Path) -> dict[str, Path]:
+    """Every file ``task=train`` writes: one naming scheme, the report and plot beside the table."""
+    return {
+        "model": workdir / "model.h5",
+        "metrics": workdir / "metrics.csv",
+        "curve": workdir / "training_curve.png",
+        "predictions": workdir / "test_predictions.csv",
+        "report": workdir / "test_predictions.report.csv",
+        "confusion": workdir / "test_predictions.confusion.png",
+        "summary": workdir / "summary.json",
+    }
+
+
+def _left_out_labels(prepared: PreparedData, conf: GinsengConfig) -> dict[str, int]:
+    """Labels of the input that the model does not have (too few cells), with their cell counts."""
+    counts = _label_counts(prepared.adata.obs[conf.data.labels].to_numpy())
+    known = {str(v) for v in prepared.dataset.label_values}
+    return {str(k): int(v) for k, v in counts.sort_values().items() if str(k) not in known}
+
+
+def _summarize(conf, prepared: PreparedData, logger, report: Report | None, files: dict) -> dict:
+    """The end-of-run summary: printed last (nothing in it scrolls away) and kept as summary.json."""
+    import json
+
+    left_out = _left_out_labels(prepared, conf)
+    summary = {
+        "training_cells": len(prepared.dataset.train_indices),
+        "labels": len(prepared.dataset.label_values),
+        "holdout_cells": logger.holdout_cells,
+        "final_holdout_accuracy": logger.holdout_accuracy[-1] if logger.holdout_accuracy else None,
+        "test_cells": len(prepared.test_indices),
+        "test_macro_f1": None if report is None else report.macro_f1,
+        "labels_left_out": left_out,
+        "min_cells": effective_min_cells(conf),
+        "files": {k: str(v) for k, v in files.items() if v.exists() or k == "summary"},
+    }
+    lines = ["", "== ginseng: summary =="]
+    lines.append(f"trained on {summary['training_cells']:,} cells of {summary['labels']} labels")
+    if logger.holdout_cells:
+        lines.append(
+            f"per-epoch holdout: {logger.holdout_cells:,} cells, final accuracy "
+            f"{summary['final_holdout_accuracy']:.4f} (a small check; the test cells are the measure)"
+        )
+    if report is not None:
+        lines.append(f"test cells ({summary['test_cells']:,}, never trained on): " + "; ".join(report.lines()))
+    if left_out:
+        listed = ", ".join(f"{k} ({v} cells)" for k, v in left_out.items())
+        lines.append(
+            f"LEFT OUT of training, fewer than {summary['min_cells']} cells (the model cannot predict "
+            f"them): {listed}"
+        )
+    lines.append("wrote: " + ", ".join(str(Path(v)) for v in summary["files"].values()))
+    with atomic_path(files["summary"], overwrite=True, what="summary") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2, default=float) + "\n")
+    _say(conf, "\n".join(lines))
+    return summary
 
 
 def run_train(conf: GinsengConfig, workdir: str | os.PathLike) -> TrainResult:
     """Prepare (or reuse) the dataset, train, evaluate on the test cells, write the outputs.
 
     Writes into ``workdir`` (process 0 only): ``model.h5``, ``metrics.csv`` (per-epoch train
-    loss, holdout loss and accuracy), ``training_curve.png``, and when there are test cells
-    ``test_predictions.csv`` (barcode, cell_type, confidence; with annotate's report and
-    confusion matrix beside it) and ``test_report.csv`` (per-class precision, recall, F1 over
-    the union of true and predicted labels, whose mean is the macro-F1 printed).
-    Checkpoints go to ``<workdir>/checkpoints`` unless configured otherwise.
+    loss, holdout loss and accuracy, epochs numbered from 1), ``training_curve.png``, and when
+    there are test cells ``test_predictions.csv`` (barcode, cell_type, confidence) with
+    ``test_predictions.report.csv`` (per-class precision, recall, F1; the macro-F1 printed) and
+    ``test_predictions.confusion.png`` beside it; last ``summary.json`` (what the end summary
+    prints: sizes, test macro-F1, labels left out, files). Checkpoints go to
+    ``<workdir>/checkpoints`` unless configured otherwise.
     """
     from ginseng.io import save_ginseng_state
     from ginseng.train import GinsengTrainer
 
     conf = to_object(conf)
     workdir = Path(workdir)
-    files = {
-        "model": workdir / "model.h5",
-        "metrics": workdir / "metrics.csv",
-        "curve": workdir / "training_curve.png",
-        "report": workdir / "test_report.csv",
-        "predictions": workdir / "test_predictions.csv",
-    }
+    files = _train_files(workdir)
     if _is_main():  # refuse before hours of training, not after
         for name, path in files.items():
-            check_writable_target(path, overwrite=conf.overwrite, what=f"{name} file")
+            if name != "summary":  # rewritten by every run in the directory
+                check_writable_target(path, overwrite=conf.overwrite, what=f"{name} file")
 
     prepared = run_prepare(conf, workdir, reuse=True)
     settings = to_trainer_settings(conf, workdir)
     if conf.overwrite and settings.checkpoint_dir is not None:
-        # overwrite=true asks for a new run over the old one's outputs: its checkpoint (written
-        # for the dataset that was just rebuilt) is replaced too, not resumed.
+        # overwrite=true asks for a new run over the old one's outputs: its checkpoints (written
+        # for the dataset that was just rebuilt) are replaced too, not resumed.
         from ginseng._checkpoint import remove_checkpoints
 
         if _is_main() and (removed := remove_checkpoints(settings.checkpoint_dir)):
@@ -560,25 +664,23 @@ def run_train(conf: GinsengConfig, workdir: str | os.PathLike) -> TrainResult:
         resume=conf.trainer.resume and conf.trainer.checkpoint and not conf.overwrite,
     )
 
-    macro_f1, report = None, None
+    report = None
     if _is_main():
         save_ginseng_state(state, files["model"], overwrite=conf.overwrite)
         logger.save_csv(files["metrics"], overwrite=conf.overwrite)
         logger.plot(files["curve"], overwrite=conf.overwrite)
     if len(prepared.test_indices):
-        evaluated = _evaluate_test(conf, prepared, state, files["predictions"])
-        if evaluated is not None:
-            report, macro_f1 = evaluated
-            _write_csv(report, files["report"], conf.overwrite)
+        report = _evaluate_test(conf, prepared, state, files["predictions"])
+        if report is not None:
             buf = io.StringIO()
             buf.write(f"Test cells ({len(prepared.test_indices)}, never trained on):\n")
-            buf.write(report.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-            buf.write(f"\nmacro-F1: {macro_f1:.4f}")
+            buf.write(report.table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
             _say(conf, buf.getvalue())
     if _is_main():
-        _say(conf, f"Wrote {files['model']}, {files['metrics'].name}, {files['curve'].name}")
+        _summarize(conf, prepared, logger, report, files)
     _barrier("ginseng-train-outputs")
-    return TrainResult(logger, state, macro_f1, report, files)
+    macro_f1 = None if report is None else report.macro_f1
+    return TrainResult(logger, state, macro_f1, None if report is None else report.table, files)
 
 
 # --------------------------------------------------------------------------------------------
@@ -589,8 +691,9 @@ def run_annotate(conf: GinsengConfig, workdir: str | os.PathLike) -> Path:
     """Annotate ``annotate.input`` with ``annotate.model`` into a table file.
 
     The table (barcode, cell type, confidence) goes to ``annotate.output`` (parquet or CSV by
-    extension), default ``annotations.csv`` in ``workdir``. With ``annotate.truth_key``, a
-    per-class report and a confusion matrix go to ``workdir``.
+    extension), default ``annotations.csv`` in ``workdir``; a relative path is taken inside
+    ``workdir``. With ``annotate.truth_key``, ``<output stem>.report.csv`` and
+    ``<output stem>.confusion.png`` go beside it.
 
     Returns
     -------
@@ -613,7 +716,8 @@ def run_annotate(conf: GinsengConfig, workdir: str | os.PathLike) -> Path:
         if not Path(p).expanduser().exists():
             msg = f"{what} {p!r} does not exist"
             raise FileNotFoundError(msg)
-    output = Path(a.output).expanduser() if a.output is not None else workdir / "annotations.csv"
+    # Like every other path the run writes, a relative output goes into the run directory.
+    output = _resolve(a.output, workdir) if a.output is not None else workdir / "annotations.csv"
     if _is_main():
         check_writable_target(output, overwrite=a.overwrite, what="annotate.output")
     _call_supported(
@@ -631,8 +735,8 @@ def run_annotate(conf: GinsengConfig, workdir: str | os.PathLike) -> Path:
         output=str(output),
         overwrite=a.overwrite,
         n_samples=a.n_samples,
+        min_gene_overlap=a.min_gene_overlap,
         truth_key=a.truth_key,
-        report_dir=str(workdir) if a.truth_key is not None else None,
         silent=conf.silent,
     )
     _say(conf, f"Wrote {output}")

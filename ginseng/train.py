@@ -44,6 +44,7 @@ from ginseng._checkpoint import (
     set_aside,
 )
 from ginseng._files import atomic_path
+from ginseng._progress import bar_disabled
 from ginseng.augment import augment
 from ginseng.nn import nn_annotate, nn_annotate_init
 from ginseng.opt import opt_adam_update, opt_cosine_lr, opt_init_adam
@@ -281,12 +282,16 @@ class GinsengLogger:
         Holdout loss values for each epoch (mean over holdout cells; NaN without a holdout).
     holdout_accuracy : list[float]
         Holdout accuracy values for each epoch (NaN without a holdout).
+    holdout_cells : int | None
+        Number of holdout cells the per-epoch figures are measured on (set by the trainer): with
+        few of them, accuracy moves in coarse steps of 1 / holdout_cells.
     """
 
     epoch: list[int] = field(default_factory=list)
     train_loss: list[float] = field(default_factory=list)
     holdout_loss: list[float] = field(default_factory=list)
     holdout_accuracy: list[float] = field(default_factory=list)
+    holdout_cells: int | None = None
 
     def update(self, epoch: int, train_loss: float, holdout_loss: float, holdout_accuracy: float) -> None:
         """Update the logger with new training and validation metrics.
@@ -337,11 +342,12 @@ class GinsengLogger:
         Returns
         -------
         pd.DataFrame
-            Columns ``epoch``, ``train_loss``, ``holdout_loss``, ``holdout_accuracy``.
+            Columns ``epoch`` (numbered from 1, as the log prints it), ``train_loss``,
+            ``holdout_loss``, ``holdout_accuracy``.
         """
         return pd.DataFrame(
             {
-                "epoch": np.asarray(self.epoch, dtype=np.int64),
+                "epoch": np.asarray(self.epoch, dtype=np.int64) + 1,
                 "train_loss": np.asarray(self.train_loss, dtype=np.float64),
                 "holdout_loss": np.asarray(self.holdout_loss, dtype=np.float64),
                 "holdout_accuracy": np.asarray(self.holdout_accuracy, dtype=np.float64),
@@ -399,6 +405,8 @@ class GinsengLogger:
         ax_acc.set_xlabel("epoch")
         ax_acc.set_ylabel("holdout accuracy")
         ax_acc.set_ylim(0.0, 1.0)
+        if self.holdout_cells is not None:
+            ax_acc.set_title(f"holdout: {self.holdout_cells:,} cells (steps of {1 / max(self.holdout_cells, 1):.3g})", fontsize=9)
         fig.tight_layout()
         try:
             with atomic_path(path, overwrite=overwrite, what="plot") as tmp:
@@ -867,7 +875,14 @@ def GinsengTrainer(
 
         init_key, train_key = jax.random.split(jax.random.key(settings.seed))
         params, opt_state = _build_init(settings, mesh, dataset.n_genes, dataset.n_labels)(init_key)
-        logger = GinsengLogger()
+        logger = GinsengLogger(holdout_cells=n_holdout)
+        if verbose and n_holdout:
+            coarse = f" (few: accuracy moves in steps of {1 / n_holdout:.3f})" if n_holdout < 200 else ""
+            print(
+                f"[ginseng] training on {len(dataset.train_indices):,} cells; per-epoch holdout: "
+                f"{n_holdout:,} cells{coarse}",
+                flush=True,
+            )
         identity = getattr(dataset, "identity", "")
         ckpt_dir = settings.checkpoint_dir
         total_steps = epochs * train_loader.num_batches
@@ -947,7 +962,7 @@ def GinsengTrainer(
                 initial=first,
                 desc=f"[ginseng] epoch {epoch + 1}/{epochs}",
                 unit="step",
-                disable=not verbose,
+                disable=bar_disabled(not verbose, train_loader.num_batches),
             ) as bar:
                 for i, batch in enumerate(train_loader.epoch(epoch, start_batch=first), start=first):
                     x, y, slot, mask = _global_arrays(batch, mesh, train_loader.global_batch)

@@ -56,7 +56,9 @@ for ((i = 0; i < N; i++)); do
             export CUDA_VISIBLE_DEVICES=$(seq -s, $((i * DEVICES)) $(((i + 1) * DEVICES - 1)))
         fi
         if [[ $i -eq 0 ]]; then
-            exec "$PYTHON" -m ginseng.launch distributed=local "$@" > >(tee "$log") 2>&1
+            # The console gets the run without gloo's connection chatter ("[Gloo] Rank 0 is
+            # connected to 1 peer ranks..."); the log file keeps everything.
+            exec "$PYTHON" -m ginseng.launch distributed=local "$@" > >(tee "$log" | grep --line-buffered -v '^\[Gloo\]') 2>&1
         else
             exec "$PYTHON" -m ginseng.launch distributed=local "$@" >"$log" 2>&1
         fi

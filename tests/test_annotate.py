@@ -11,7 +11,6 @@ import scipy.sparse as sp
 from conftest import make_counts
 
 from ginseng.annotate import (
-    _classification_report,
     annotate,
     annotate_iter_full,
     annotate_iter_partial,
@@ -70,6 +69,7 @@ def test_sparse_input_and_return_convention(adata, state):
     assert list(probs.columns) == list(LABELS) and list(probs.index) == list(adata.obs_names)
     np.testing.assert_allclose(attn, a, rtol=1e-5, atol=1e-7)
     assert attn.shape == (N_CELLS, N_GENES)
+    assert list(attn.columns) == list(state.genes) and list(attn.index) == list(adata.obs_names)
     assert list(table.columns) == ["barcode", "cell_type", "confidence"]
     assert list(table.barcode) == list(adata.obs_names)
     np.testing.assert_array_equal(table.cell_type.astype(str), LABELS[p.argmax(1)])
@@ -251,22 +251,51 @@ def test_randomness_reproducible_and_batch_invariant(adata, state):
 
 
 def test_classification_report_by_hand():
+    from ginseng._report import from_confusion
+
     # truth x model counts; "delta" is a truth label the model does not have
     conf = np.array([[3, 1, 0], [0, 2, 2], [1, 0, 0], [0, 0, 0]])
     truth = ["alpha", "beta", "delta", "gamma"]
-    rep, macro = _classification_report(conf[:3], truth[:3], list(LABELS))
-    rep = rep.set_index("cell_type")
-    # alpha: tp 3, predicted 4, support 4 ; beta: tp 2, predicted 3, support 4
-    # delta: tp 0, support 1 ; gamma: tp 0, predicted 2, support 0
+    rep = from_confusion(conf[:3], truth[:3], list(LABELS), list(LABELS))
+    table = rep.table.set_index("cell_type")
+    # On the cells the model can know (alpha, beta): alpha tp 3, predicted 3 (of those cells),
+    # support 4; beta tp 2, predicted 3, support 4. delta: 1 cell, no score (not in the model).
     def row(c, cols=("precision", "recall", "f1")):
-        return rep.loc[c, list(cols)].to_numpy(float)
+        return table.loc[c, list(cols)].to_numpy(float)
 
-    np.testing.assert_allclose(row("alpha"), [0.75, 0.75, 0.75])
+    np.testing.assert_allclose(row("alpha"), [1.0, 0.75, 6 / 7])
     np.testing.assert_allclose(row("beta"), [2 / 3, 0.5, 4 / 7])
-    np.testing.assert_allclose(row("delta", ("precision", "recall", "f1", "support")), [0, 0, 0, 1])
-    assert not rep.loc["delta", "in_model"]
-    assert rep.loc["gamma", "support"] == 0 and rep.loc["gamma", "predicted"] == 2
-    assert macro == pytest.approx((0.75 + 4 / 7 + 0) / 3)
+    assert np.isnan(row("delta")).all() and table.loc["delta", "support"] == 1
+    assert not table.loc["delta", "in_model"]
+    assert table.loc["gamma", "support"] == 0 and table.loc["gamma", "predicted"] == 2
+    assert table.loc["alpha", "predicted"] == 4  # every cell predicted as alpha, delta's included
+    assert rep.macro_f1 == pytest.approx((6 / 7 + 4 / 7) / 2)
+    assert (rep.n_model_labels, rep.n_known_cells, rep.absent) == (2, 8, {"delta": 1})
+    assert rep.macro_f1_all == pytest.approx((6 / 7 + 4 / 7 + 0) / 3)
+    lines = rep.lines()
+    assert lines[0] == "macro-F1 on the model's 2 labels: 0.7143 (8 cells)"
+    assert "1 labels are not in the model (1 cells" in lines[1] and "delta 1" in lines[1]
+    assert lines[2] == "macro-F1 over all 3 true labels, counting those 1 as 0: 0.4762"
+
+
+def test_classification_report_matches_scikit_learn():
+    from sklearn.metrics import f1_score, precision_recall_fscore_support
+
+    from ginseng._report import from_labels
+
+    rng = np.random.default_rng(4)
+    model = ["a", "b", "c", "d"]
+    truth = rng.choice(["a", "b", "c", "e", "f"], 500)  # e, f: types the model never learned
+    pred = np.where(rng.random(500) < 0.7, truth, rng.choice(model, 500))
+    pred = np.where(np.isin(pred, model), pred, "d")
+    rep = from_labels(truth, pred, model)
+    known = np.isin(truth, model)
+    labels = sorted(set(truth[known]))
+    p, r, f, n = precision_recall_fscore_support(truth[known], pred[known], labels=labels, zero_division=0)
+    table = rep.table.set_index("cell_type").loc[labels]
+    np.testing.assert_allclose(table[["precision", "recall", "f1"]].to_numpy(float), np.c_[p, r, f])
+    assert rep.macro_f1 == pytest.approx(f1_score(truth[known], pred[known], labels=labels, average="macro"))
+    assert rep.n_known_cells == known.sum() and set(rep.absent) == {"e", "f"}
 
 
 def test_truth_report_end_to_end(adata, state, tmp_path, capsys):
@@ -278,20 +307,24 @@ def test_truth_report_end_to_end(adata, state, tmp_path, capsys):
     pred = pd.read_parquet(out).cell_type.to_numpy()
     rep = pd.read_csv(tmp_path / "res.report.csv").set_index("cell_type")
     assert (tmp_path / "res.confusion.png").stat().st_size > 0
+    # omega is not a model label: scores are over the cells whose true label the model knows.
+    known = truth != "omega"
     f1s = []
-    for c in ["alpha", "beta", "gamma", "omega"]:
+    for c in ["alpha", "beta", "gamma"]:
         tp = np.sum((truth == c) & (pred == c))
-        prec = tp / max(np.sum(pred == c), 1)
+        prec = tp / max(np.sum(pred[known] == c), 1)
         rec = tp / np.sum(truth == c)
         f1 = 0.0 if prec + rec == 0 else 2 * prec * rec / (prec + rec)
         f1s.append(f1)
         assert rep.loc[c, "precision"] == pytest.approx(prec)
         assert rep.loc[c, "recall"] == pytest.approx(rec)
         assert rep.loc[c, "f1"] == pytest.approx(f1)
-    assert rep.loc["macro_avg", "f1"] == pytest.approx(np.mean(f1s))
+    assert np.isnan(rep.loc["omega", "f1"]) and rep.loc["omega", "support"] == np.sum(~known)
+    assert rep.loc["macro_avg (model labels, 3)", "f1"] == pytest.approx(np.mean(f1s))
+    assert rep.loc["macro_avg (all true labels, 4)", "f1"] == pytest.approx(np.sum(f1s) / 4)
     # report_dir, in memory; a missing truth column is an error naming the columns
     annotate(state, adata, truth_key="truth", report_dir=tmp_path, silent=True)
-    assert (tmp_path / "annotate_report.csv").exists() and (tmp_path / "annotate_confusion.png").exists()
+    assert (tmp_path / "annotations.report.csv").exists() and (tmp_path / "annotations.confusion.png").exists()
     with pytest.raises(FileExistsError):
         annotate(state, adata, truth_key="truth", report_dir=tmp_path, silent=True)
     with pytest.raises(ValueError, match=r"truth_key 'nope' is not a column of adata.obs; available columns: \['cell_type', 'donor'"):

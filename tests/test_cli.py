@@ -5,6 +5,7 @@ on a tiny synthetic dataset; one test launches ``python -m ginseng.launch`` as a
 another working directory with a ``--multirun`` sweep.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -76,8 +77,8 @@ def test_prepare_splits_stratified_and_builds_dataset_of_training_cells(trained,
 
 def test_train_writes_model_metrics_curve_and_test_report(trained):
     workdir, prepared, result = trained
-    for name in ("model.h5", "metrics.csv", "training_curve.png", "test_report.csv",
-                 "test_predictions.csv"):
+    for name in ("model.h5", "metrics.csv", "training_curve.png", "test_predictions.report.csv",
+                 "test_predictions.csv", "test_predictions.confusion.png", "summary.json"):
         assert (workdir / name).stat().st_size > 0, name
     state = load_ginseng_state(workdir / "model.h5")
     ds = GinsengDataset(workdir / "dataset.zarr")
@@ -90,9 +91,16 @@ def test_train_writes_model_metrics_curve_and_test_report(trained):
     assert np.isfinite(metrics.select_dtypes("number").to_numpy()).all()
     predictions = pd.read_csv(workdir / "test_predictions.csv")
     assert len(predictions) == len(prepared.test_indices)
-    report = pd.read_csv(workdir / "test_report.csv")
-    assert result.macro_f1 == pytest.approx(report["f1"].mean())
+    report = pd.read_csv(workdir / "test_predictions.report.csv").set_index("cell_type")
+    per_class = report[report.in_model.astype(str) == "True"]
+    assert result.macro_f1 == pytest.approx(per_class["f1"].mean())
+    assert report.loc["macro_avg (model labels, 4)", "f1"] == pytest.approx(result.macro_f1)
     assert 0.0 <= result.macro_f1 <= 1.0
+    # metrics.csv numbers epochs as the log does; the summary keeps what the end of the run said
+    assert metrics["epoch"].tolist() == [1, 2]
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["test_macro_f1"] == pytest.approx(result.macro_f1)
+    assert summary["test_cells"] == len(prepared.test_indices) and summary["holdout_cells"] > 0
 
 
 def test_train_refuses_existing_outputs_before_training(trained, tiny_h5ad):
@@ -124,14 +132,14 @@ def test_overwrite_retrains_in_a_finished_run_directory(trained, tiny_h5ad, tmp_
 def test_prepare_refuses_store_built_with_other_settings(trained, tiny_h5ad):
     workdir, _, _ = trained
     cfg = compose(["task=train", f"data.path={tiny_h5ad}", "genes.n_top_genes=20", *TINY])
-    for name in ("model.h5", "metrics.csv", "training_curve.png", "test_report.csv",
-                 "test_predictions.csv"):
+    for name in ("model.h5", "metrics.csv", "training_curve.png", "test_predictions.report.csv",
+                 "test_predictions.csv", "test_predictions.confusion.png", "summary.json"):
         (workdir / name).rename(workdir / f"{name}.keep")
     try:
         with pytest.raises(ValueError, match=r"genes.n_top_genes: store 30 != config 20"):
             tasks.run(cfg, workdir)
     finally:
-        for name in ("model.h5", "metrics.csv", "training_curve.png", "test_report.csv",
+        for name in ("model.h5", "metrics.csv", "training_curve.png", "test_predictions.report.csv",
                      "test_predictions.csv"):
             (workdir / f"{name}.keep").rename(workdir / name)
 
@@ -224,7 +232,7 @@ def test_classification_report_macro_f1():
     truth = ["a", "a", "b", "b", "c"]
     pred = ["a", "b", "b", "b", "a"]
     report, macro = tasks.classification_report(truth, pred)
-    f1 = dict(zip(report["label"], report["f1"], strict=True))
+    f1 = dict(zip(report["cell_type"], report["f1"], strict=True))
     assert f1["a"] == pytest.approx(0.5)  # precision 1/2, recall 1/2
     assert f1["b"] == pytest.approx(0.8)  # precision 2/3, recall 1
     assert f1["c"] == 0.0
@@ -245,7 +253,7 @@ def test_launch_module_multirun_from_another_directory(tiny_h5ad, tmp_path):
         assert state.params["attn1"]["W"].shape == (N_GENES, hidden)
         assert (sweep / str(job) / "metrics.csv").exists()
         log = (sweep / str(job) / "launch.log").read_text()  # what was printed is in the log
-        assert "[ginseng] epoch 1 | train loss" in log and "macro-F1:" in log
+        assert "[ginseng] epoch 1 | train loss" in log and "test cells (60, never trained on): macro-F1 on the model's" in log
     assert not (cwd / "outputs").exists()
 
     # A misspelled key on the command line: exit code 2 and the valid keys, nothing run.
@@ -307,4 +315,4 @@ def test_backed_run_streams_and_equals_the_in_memory_run(tiny_h5ad, tmp_path, mo
         np.testing.assert_array_equal(np.asarray(sa.params[name]["W"]), np.asarray(sb.params[name]["W"]))
     pa, pb = (pd.read_csv(runs[k] / "test_predictions.csv") for k in (False, True))
     pd.testing.assert_frame_equal(pa, pb)
-    assert (runs[True] / "test_report.csv").read_text() == (runs[False] / "test_report.csv").read_text()
+    assert (runs[True] / "test_predictions.report.csv").read_text() == (runs[False] / "test_predictions.report.csv").read_text()
