@@ -291,7 +291,7 @@ def test_classification_report_matches_scikit_learn():
     rep = from_labels(truth, pred, model)
     known = np.isin(truth, model)
     labels = sorted(set(truth[known]))
-    p, r, f, n = precision_recall_fscore_support(truth[known], pred[known], labels=labels, zero_division=0)
+    p, r, f, _ = precision_recall_fscore_support(truth[known], pred[known], labels=labels, zero_division=0)
     table = rep.table.set_index("cell_type").loc[labels]
     np.testing.assert_allclose(table[["precision", "recall", "f1"]].to_numpy(float), np.c_[p, r, f])
     assert rep.macro_f1 == pytest.approx(f1_score(truth[known], pred[known], labels=labels, average="macro"))

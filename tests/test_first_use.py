@@ -74,7 +74,7 @@ def test_creating_a_dataset_prints_no_bar_when_output_is_not_a_terminal(tmp_path
     from ginseng.data import GinsengDataset
 
     GinsengDataset.create(tmp_path / "d.zarr", make_counts(n_cells=50, n_genes=20), "cell_type")
-    out, err = capfd.readouterr()
+    _, err = capfd.readouterr()
     assert "block/s" not in err and "it/s" not in err and "%|" not in err
 
 
