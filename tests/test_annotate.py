@@ -339,7 +339,7 @@ def test_ginseng_dataset_input(adata, state, tmp_path):
     np.testing.assert_allclose(probs.to_numpy(), ref, rtol=1e-5, atol=1e-7)
     assert list(table.barcode) == [str(i) for i in range(N_CELLS)]
     annotate(state, ds, truth_key="labels", report_dir=tmp_path, silent=True)
-    rep = pd.read_csv(tmp_path / "annotate_report.csv").set_index("cell_type")
+    rep = pd.read_csv(tmp_path / "annotations.report.csv").set_index("cell_type")
     truth = adata.obs["cell_type"].astype(str).to_numpy()
     pred = table.cell_type.astype(str).to_numpy()
     t0 = min(truth)
@@ -518,7 +518,7 @@ def test_cells_annotates_those_rows_of_the_input(adata, state, tmp_path):
     marked.obs["cell_type"] = marked.obs["cell_type"].astype(str)
     marked.obs.iloc[0, marked.obs.columns.get_loc("cell_type")] = "elsewhere"
     annotate(state, marked, cells=cells, truth_key="cell_type", report_dir=tmp_path, silent=True)
-    rep = pd.read_csv(tmp_path / "annotate_report.csv")
+    rep = pd.read_csv(tmp_path / "annotations.report.csv")
     assert "elsewhere" not in set(rep["cell_type"].astype(str))
     assert set(truth) <= set(rep["cell_type"].astype(str))
     inplace = adata.copy()

@@ -964,7 +964,7 @@ def test_cli_leaves_out_labels_below_min_cells_and_says_which(tmp_path, adata):
     conf = to_object(compose([
         "task=prepare", f"data.path={tmp_path / 'cells.h5ad'}", "genes.select=all", "silent=true",
     ]))
-    with pytest.warns(UserWarning, match=r"leaving out 1 of 4 labels with fewer than data.min_cells=10 cells \(3 cells\): 'rare' \(3\); set data.min_cells=0"):
+    with pytest.warns(UserWarning, match=r"leaving out 1 of 4 labels with fewer than 6 cells \(3 cells; the model will not know them\): 'rare' \(3\)\. .*data.min_cells sets the minimum"):
         prepared = tasks.run(conf, tmp_path / "run")
     assert "rare" not in set(prepared.dataset.label_values)
     assert prepared.dataset.n_cells + len(prepared.test_indices) == N_CELLS - 3
