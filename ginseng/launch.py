@@ -62,6 +62,8 @@ def _app(cfg: DictConfig):
         try:
             tasks.run(conf, workdir)
         except USER_ERRORS as err:
+            if distributed.process_index() == 0:
+                _drop_empty_run_dir(Path(workdir))
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
             # A mistake in the input or the overrides: one line that says what is wrong, not a
@@ -73,8 +75,6 @@ def _app(cfg: DictConfig):
             if log_file is not None:
                 with open(log_file, "a") as fh:
                     fh.write(line + "\n")
-            if distributed.process_index() == 0:
-                _drop_empty_run_dir(Path(workdir))
             sys.stdout.flush()
             sys.stderr.flush()
             if distributed.process_count() > 1:
@@ -93,8 +93,9 @@ def _drop_empty_run_dir(workdir: Path) -> None:
     if not workdir.is_dir() or not set(os.listdir(workdir)) <= {".hydra", "launch.log"}:
         return
     shutil.rmtree(workdir, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        workdir.parent.rmdir()  # the date folder, when this was its only run
+    for folder in (workdir.parent, workdir.parent.parent):  # the date folder, then outputs/
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only when empty
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
