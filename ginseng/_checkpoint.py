@@ -80,21 +80,15 @@ def settings_record(settings) -> dict:
     return rec
 
 
-def _to_host(tree):
-    return jax.tree.map(lambda a: np.asarray(jax.device_get(a)), tree)
-
-
 def save_checkpoint(directory, *, state: dict, position: dict, logger, settings, identity, keep: int) -> Path:
-    """Write one checkpoint atomically (process 0 writes; every process fetches its replicated
-    copy first, so that no process waits on another here), then drop the oldest beyond ``keep``.
+    """Write one checkpoint atomically (process 0), then drop the oldest beyond ``keep``.
 
-    ``state``: params, opt_state, metrics, train_key (device arrays). ``position``: epoch,
-    step_in_epoch, batches_per_epoch, total_steps.
+    ``state``: host (numpy) copies of params, opt_state, metrics and train_key (key data), with
+    rng_impl and device_count; every process fetches its replicated copy before calling, so that
+    no process waits on another here. ``position``: epoch, step_in_epoch, batches_per_epoch,
+    total_steps.
     """
-    host = _to_host({k: state[k] for k in ("params", "opt_state", "metrics")})
-    train_key = state["train_key"]
-    host_key = _to_host(jax.random.key_data(train_key))
-    global_step = int(host["opt_state"].step)
+    global_step = int(state["opt_state"].step)
     path = checkpoint_path(directory, global_step)
     if jax.process_index() != 0:
         return path
@@ -106,15 +100,15 @@ def save_checkpoint(directory, *, state: dict, position: dict, logger, settings,
         f.attrs["global_step"] = global_step
         f.attrs["settings"] = json.dumps(settings_record(settings), sort_keys=True)
         f.attrs["dataset_identity"] = str(identity)
-        f.attrs["rng_impl"] = str(jax.random.key_impl(train_key))
-        f.attrs["device_count"] = len(train_key.sharding.device_set)
-        write_tree(f.create_group("params"), host["params"])
+        f.attrs["rng_impl"] = str(state["rng_impl"])
+        f.attrs["device_count"] = int(state["device_count"])
+        write_tree(f.create_group("params"), state["params"])
         opt = f.create_group("opt_state")
-        opt.create_dataset("step", data=np.asarray(host["opt_state"].step))
-        write_tree(opt.create_group("m"), host["opt_state"].m)
-        write_tree(opt.create_group("v"), host["opt_state"].v)
-        write_tree(f.create_group("rng"), {"train_key": host_key})
-        write_tree(f, {"epoch_metrics": host["metrics"]})
+        opt.create_dataset("step", data=np.asarray(state["opt_state"].step))
+        write_tree(opt.create_group("m"), state["opt_state"].m)
+        write_tree(opt.create_group("v"), state["opt_state"].v)
+        write_tree(f.create_group("rng"), {"train_key": state["train_key"]})
+        write_tree(f, {"epoch_metrics": state["metrics"]})
         history = {n: np.asarray(getattr(logger, n), dtype=np.float64) for n in _LOGGER_FIELDS}
         write_tree(f.create_group("logger"), history)
     for old in list_checkpoints(directory)[max(1, keep):]:
@@ -295,12 +289,12 @@ def newest_usable(directory) -> tuple[dict | None, Path | None, list[tuple[Path,
     return None, None, tried
 
 
-def set_aside(damaged: list[tuple[Path, str]], used: Path, *, announce: bool) -> None:
-    """Warn about each damaged checkpoint skipped for ``used`` and rename it to ``*.damaged``
-    (kept for inspection, out of the rotation, so that it is never tried or counted again)."""
+def set_aside(damaged: list[tuple[Path, str]], used: Path, *, main: bool) -> None:
+    """On the main process, warn about each damaged checkpoint skipped for ``used`` and rename it
+    to ``*.damaged`` (kept for inspection, out of the rotation: never tried or counted again)."""
     for path, why in damaged:
         target = path.with_name(path.name + ".damaged")
-        if announce:
+        if main:
             with contextlib.suppress(OSError):
                 os.replace(path, target)
             warnings.warn(

@@ -740,7 +740,8 @@ def annotate(
         label values, index: barcodes). With ``output``, written to ``<stem>.zarr/probs`` instead.
     return_attn : bool
         If True, return the gene-level weights of every cell, a (cells x model genes) float32
-        DataFrame, indexed by barcode, one column per model gene (large: not recommended for large datasets without ``output``). With ``output``, written to
+        DataFrame, indexed by barcode, one column per model gene (large: not recommended for
+        large datasets without ``output``). With ``output``, written to
         ``<stem>.zarr/attn`` block by block.
     return_table : bool
         If True, return a table with columns 'barcode', 'cell_type', 'confidence' (and 'entropy'
@@ -842,7 +843,8 @@ def annotate(
         raise ValueError(msg)
     batch_size, n_samples = int(batch_size), int(n_samples)
     if min_gene_overlap is not None and not (
-        isinstance(min_gene_overlap, (int, float)) and 0.0 <= float(min_gene_overlap) <= 1.0
+        isinstance(min_gene_overlap, (int, float)) and not isinstance(min_gene_overlap, bool)
+        and 0.0 <= float(min_gene_overlap) <= 1.0
     ):
         msg = f"min_gene_overlap must be a fraction in [0, 1] or None, got {min_gene_overlap!r}"
         raise ValueError(msg)

@@ -27,8 +27,9 @@ import pandas as pd
 import scipy.io
 import scipy.sparse as sp
 
+from ginseng import _h5tree
 from ginseng._files import atomic_path
-from ginseng._h5tree import DamagedError, names, read_tree, write_tree
+from ginseng._h5tree import DamagedError, read_tree, write_tree
 from ginseng.state import GinsengModelState
 
 __all__ = [
@@ -352,7 +353,7 @@ def read_10x_h5(
 def _read_10x_h5_v2(f, path, genome, var_names, make_unique):
     # Names first, then each member by name: never an h5py iterator suspended across a read.
     genomes = [
-        k for k in names(f) if isinstance(f[k], h5py.Group) and "indptr" in f[k] and "data" in f[k]
+        k for k in _h5tree.names(f) if isinstance(f[k], h5py.Group) and "indptr" in f[k] and "data" in f[k]
     ]
     if not genomes:
         msg = (

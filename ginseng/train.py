@@ -668,8 +668,9 @@ def _replicate(tree: PyTree, mesh: Mesh) -> PyTree:
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints
+# Preemption (checkpoint files: ginseng/_checkpoint.py)
 # --------------------------------------------------------------------------------------------
+
 
 class _StopSignal:
     """Records SIGTERM/SIGUSR1 so that the loop can checkpoint at the next step boundary."""
@@ -786,7 +787,7 @@ def _restore(ckpt_dir, settings, identity, batches_per_epoch: int, total_steps: 
             )
             raise ValueError(msg)
     if rec is not None:
-        set_aside(damaged, path, announce=main)
+        set_aside(damaged, path, main=main)
     return rec
 
 
@@ -928,9 +929,16 @@ def GinsengTrainer(
         pending: collections.deque = collections.deque()
 
         def checkpoint(epoch, batch):
+            host = _to_host({
+                "params": params, "opt_state": opt_state, "metrics": metrics,
+                "train_key": jax.random.key_data(train_key),
+            })
             return save_checkpoint(
                 ckpt_dir,
-                state={"params": params, "opt_state": opt_state, "metrics": metrics, "train_key": train_key},
+                state={
+                    **host, "rng_impl": jax.random.key_impl(train_key),
+                    "device_count": len(train_key.sharding.device_set),
+                },
                 position={
                     "epoch": epoch, "step_in_epoch": batch, "total_steps": total_steps,
                     "batches_per_epoch": train_loader.num_batches,

@@ -60,8 +60,9 @@ def test_near_total_gene_mismatch_is_refused_with_the_cause(rename, cause):
     with pytest.warns(UserWarning, match="only 3 of the model's 60 genes"):
         table = annotate(state, query, min_gene_overlap=0.0, return_table=True, silent=True)
     assert len(table) == 20
-    with pytest.raises(ValueError, match="min_gene_overlap must be a fraction in"):
-        annotate(state, adata, min_gene_overlap=1.5, silent=True)
+    for bad in (1.5, -0.1, True, "half"):
+        with pytest.raises(ValueError, match="min_gene_overlap must be a fraction in"):
+            annotate(state, adata, min_gene_overlap=bad, silent=True)
 
 
 def test_progress_bars_stay_quiet_off_a_terminal_and_for_one_step():
