@@ -73,8 +73,8 @@ def loader(a):
 def ceiling(settings, ds, n_steps):
     """The jitted train step alone, fed the same in-memory device batch every step."""
     mesh = T.make_mesh()
-    step = T._build_train_step(settings, mesh, total_steps=n_steps + 3)
-    params, opt_state = T._build_init(settings, mesh, ds.n_genes, ds.n_labels)(jax.random.key(0))
+    step = T.step.build_train_step(settings, mesh, total_steps=n_steps + 3)
+    params, opt_state = T.step.build_init(settings, mesh, ds.n_genes, ds.n_labels)(jax.random.key(0))
     key = jax.random.key(1)
     bs = settings.batch_size
     idx = np.asarray(ds.train_indices[:bs])

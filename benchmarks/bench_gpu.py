@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _side_ours import timed_train
 
 from ginseng import train as T
+from ginseng._core.mesh import global_arrays
 from ginseng.data import GinsengDataset
 
 N_GENES, N_TYPES, HIDDEN = 2000, 10, 256
@@ -84,8 +85,8 @@ def step_ceiling(batch, n_classes=N_TYPES, min_seconds=1.0, precision=None, x_dt
     mesh = T.make_mesh(jax.devices()[:1])
     ctx = jax.default_matmul_precision(precision) if precision else contextlib.nullcontext()
     with ctx:
-        step = T._build_train_step(settings, mesh, total_steps=1)
-        params, opt = T._build_init(settings, mesh, N_GENES, n_classes)(jax.random.key(0))
+        step = T.step.build_train_step(settings, mesh, total_steps=1)
+        params, opt = T.step.build_init(settings, mesh, N_GENES, n_classes)(jax.random.key(0))
         rng = np.random.default_rng(0)
         x = jax.device_put(rng.negative_binomial(2, 0.6, (batch, N_GENES)).astype(x_dtype))
         y = jax.device_put(rng.integers(0, n_classes, batch).astype(np.int32))
@@ -178,7 +179,7 @@ def loader_epochs(ds, spec, epochs, transfer):
         for b in ld.epoch(e):
             n += int(b.mask.sum())
             if transfer:
-                last = T._global_arrays(b, mesh, ld.global_batch)
+                last = global_arrays(b, mesh, ld.global_batch)
         if last is not None:
             jax.block_until_ready(last)
         wall = time.perf_counter() - t0

@@ -24,14 +24,9 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import jax
 import numpy as np
 
-from ginseng.train import (
-    GinsengTrainerSettings,
-    _build_init,
-    _build_train_step,
-    _global_arrays,
-    _replicate,
-    make_mesh,
-)
+from ginseng._core.mesh import global_arrays, make_mesh, replicate
+from ginseng.train import GinsengTrainerSettings
+from ginseng.train.step import build_init, build_train_step
 
 Batch = namedtuple("Batch", "x y slot mask index")
 
@@ -65,15 +60,15 @@ def allreduce_bytes_from_hlo(compiled_text: str) -> int:
 
 def time_steps(n_devices, batch, steps, settings, n_genes, n_classes):
     mesh = make_mesh(jax.devices()[:n_devices])
-    params, opt = _build_init(settings, mesh, n_genes, n_classes)(jax.random.key(0))
-    key = jax.random.wrap_key_data(_replicate(jax.random.key_data(jax.random.key(1)), mesh))
-    step = _build_train_step(settings, mesh, total_steps=steps + 2)
-    metrics = _replicate(np.zeros(2, np.float32), mesh)
+    params, opt = build_init(settings, mesh, n_genes, n_classes)(jax.random.key(0))
+    key = jax.random.wrap_key_data(replicate(jax.random.key_data(jax.random.key(1)), mesh))
+    step = build_train_step(settings, mesh, total_steps=steps + 2)
+    metrics = replicate(np.zeros(2, np.float32), mesh)
     rng = np.random.default_rng(0)
     x = rng.poisson(1.0, (batch, n_genes)).astype(np.float32)
     y = rng.integers(0, n_classes, batch).astype(np.int32)
     b = Batch(x, y, np.arange(batch, dtype=np.int32), np.ones(batch, bool), np.arange(batch))
-    arrays = _global_arrays(b, mesh, batch)
+    arrays = global_arrays(b, mesh, batch)
     hlo = step.lower(params, opt, metrics, key, *arrays).compile().as_text()
     params, opt, metrics = step(params, opt, metrics, key, *arrays)  # compile + warm up
     jax.block_until_ready(metrics)

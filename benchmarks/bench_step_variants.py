@@ -16,10 +16,12 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ginseng._core.mesh import make_mesh
 from ginseng.augment import augment
 from ginseng.nn import _cross_entropy, nn_annotate, nn_annotate_init
 from ginseng.opt import opt_adam_update, opt_init_adam
-from ginseng.train import GinsengTrainerSettings, _build_train_step, _cell_keys, make_mesh
+from ginseng.train import GinsengTrainerSettings
+from ginseng.train.step import build_train_step, cell_keys
 
 G,C,B=2000,10,256
 p0=nn_annotate_init(jax.random.key(0),G,C,256); s0=opt_init_adam(p0)
@@ -33,7 +35,7 @@ def cell_loss(params,key,x,y):
     x=augment(k_aug,x,None,None,None,None)
     return _cross_entropy(nn_annotate(params,k_nn,x,0.25,True,1e4,training=True),y)
 def body(params,opt_state,metrics,key,x,y,slot,mask):
-    keys=_cell_keys(key,opt_state.step,slot)
+    keys=cell_keys(key,opt_state.step,slot)
     x=jnp.where(mask[:,None],x,0.0)
     def L(p):
         l=jax.vmap(cell_loss,in_axes=(None,0,0,0))(p,keys,x,y); return jnp.sum(jnp.where(mask,l,0.0))
@@ -43,14 +45,14 @@ def body(params,opt_state,metrics,key,x,y,slot,mask):
     return params,opt_state,metrics+jnp.stack([ls,c])
 args = lambda: (jax.device_put(cp(p0), rep), jax.device_put(cp(s0), rep), jax.device_put(jnp.zeros(2), rep))
 data = (jax.device_put(jax.random.key(1), rep), jax.device_put(x, dat), jax.device_put(y, dat), jax.device_put(slot, dat), jax.device_put(mask, dat))
-variants = {'trainer': _build_train_step(st, mesh, total_steps=1), 'jit_body': jax.jit(body, donate_argnums=(0, 1, 2))}
+variants = {'trainer': build_train_step(st, mesh, total_steps=1), 'jit_body': jax.jit(body, donate_argnums=(0, 1, 2))}
 
 from jax import lax
 
 
 def mk(check_vma, auto):
     def local(params,opt_state,metrics,key,x,y,slot,mask):
-        keys=_cell_keys(key,opt_state.step,slot)
+        keys=cell_keys(key,opt_state.step,slot)
         x=jnp.where(mask[:,None],x,0.0)
         def L(p):
             l=jax.vmap(cell_loss,in_axes=(None,0,0,0))(p,keys,x,y); return jnp.sum(jnp.where(mask,l,0.0))

@@ -39,10 +39,10 @@ from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float
 from tqdm.auto import tqdm
 
-from ginseng._files import atomic_path, check_writable_target
-from ginseng._progress import bar_disabled
-from ginseng._report import Report, from_confusion
-from ginseng._threads import background
+from ginseng._core.files import atomic_path, check_writable_target
+from ginseng._core.progress import bar_disabled
+from ginseng._core.report import Report, from_confusion
+from ginseng._core.threads import background
 from ginseng.nn import nn_annotate
 from ginseng.state import GinsengModelState
 from ginseng.utils import _check_cells, _layer_names, _row_block
@@ -950,7 +950,8 @@ def annotate(
         # ---- devices, batch shape, forward ----
         # The trainer's mesh: devices ordered by process, so this process's rows of a global
         # batch are the one contiguous block make_array_from_process_local_data expects.
-        from ginseng.train import _layout, make_mesh
+        from ginseng._core.mesh import layout as _layout
+        from ginseng._core.mesh import make_mesh
 
         mesh = make_mesh(devices)
         layout = _layout(mesh)

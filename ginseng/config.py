@@ -85,6 +85,15 @@ def _check_min(name: str, value: float | None, minimum: float) -> None:
         _fail(f"{name} must be >= {minimum}, got {value}")
 
 
+def _check_training_values(section, prefix: str) -> None:
+    """Run the trainer's own checks (``ginseng.train.settings``, the one place training values are
+    checked) on the fields of a config section that are training settings, naming the CLI keys."""
+    from ginseng.train.settings import RULES, check_values
+
+    values = {f.name: getattr(section, f.name) for f in fields(section) if f.name in RULES}
+    check_values(values, name=f"{prefix}.{{}}".format)
+
+
 @dataclass
 class DataConfig:
     """Which cells and labels to train on, and where the built dataset goes."""
@@ -193,10 +202,7 @@ class ModelConfig:
     """Counts per cell after normalization; None: the number of genes."""
 
     def __post_init__(self) -> None:
-        _check_min("model.hidden_dim", self.hidden_dim, 1)
-        _check_fraction("model.dropout_rate", self.dropout_rate, low_open=False)
-        if self.target_sum is not None and self.target_sum <= 0:
-            _fail(f"model.target_sum must be > 0 or null, got {self.target_sum}")
+        _check_training_values(self, "model")
 
 
 @dataclass
@@ -219,15 +225,7 @@ class OptimConfig:
     """Decoupled weight decay."""
 
     def __post_init__(self) -> None:
-        if not self.lr > 0:
-            _fail(f"optim.lr must be > 0, got {self.lr}")
-        if self.lr_schedule not in ("constant", "cosine"):
-            _fail(f"optim.lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            _fail(f"optim.betas must be two numbers in [0, 1), got {list(self.betas)}")
-        if not self.eps > 0:
-            _fail(f"optim.eps must be > 0, got {self.eps}")
-        _check_min("optim.weight_decay", self.weight_decay, 0)
+        _check_training_values(self, "optim")
 
 
 @dataclass
@@ -289,23 +287,7 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         _check_min("trainer.epochs", self.epochs, 1)
-        _check_min("trainer.batch_size", self.batch_size, 1)
-        _check_fraction("trainer.holdout_fraction", self.holdout_fraction, low_open=True)
-        if self.group_mode not in ("fraction", "loo"):
-            _fail(f"trainer.group_mode must be 'fraction' or 'loo', got {self.group_mode!r}")
-        if self.rate is not None:
-            _check_fraction("trainer.rate", self.rate, low_open=False)
-        _check_min("trainer.lam_max", self.lam_max, 0)
-        _check_min("trainer.lower", self.lower, 0)
-        _check_min("trainer.upper", self.upper, 0)
-        if (self.lower is None) != (self.upper is None):
-            _fail(f"trainer.lower and trainer.upper must both be set or both be null, got "
-                  f"lower={self.lower}, upper={self.upper}")
-        if self.lower is not None and self.upper is not None and self.lower > self.upper:
-            _fail(f"trainer.lower must be <= trainer.upper, got lower={self.lower}, "
-                  f"upper={self.upper}")
-        _check_min("trainer.checkpoint_every", self.checkpoint_every, 1)
-        _check_min("trainer.keep_checkpoints", self.keep_checkpoints, 1)
+        _check_training_values(self, "trainer")
 
 
 @dataclass

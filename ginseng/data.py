@@ -39,9 +39,9 @@ import zarr
 from tqdm.auto import tqdm
 from zarr.codecs import BloscCodec
 
-from ginseng._files import atomic_path
-from ginseng._progress import bar_disabled
-from ginseng._threads import background
+from ginseng._core.files import atomic_path
+from ginseng._core.progress import bar_disabled
+from ginseng._core.threads import background
 from ginseng.utils import _check_cells, _layer_names, _row_block
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "Batch", "BatchLoader", "GinsengDataset"]

@@ -27,9 +27,9 @@ import pandas as pd
 import scipy.io
 import scipy.sparse as sp
 
-from ginseng import _h5tree
-from ginseng._files import atomic_path
-from ginseng._h5tree import DamagedError, read_tree, write_tree
+from ginseng._core import h5tree as _h5tree
+from ginseng._core.files import atomic_path
+from ginseng._core.h5tree import DamagedError, read_tree, write_tree
 from ginseng.state import GinsengModelState
 
 __all__ = [

@@ -26,8 +26,8 @@ import pandas as pd
 import yaml
 from omegaconf import DictConfig
 
-from ginseng._files import atomic_path, check_writable_target
-from ginseng._report import Report, from_labels
+from ginseng._core.files import atomic_path, check_writable_target
+from ginseng._core.report import Report, from_labels
 from ginseng.config import GeneSelection, GinsengConfig, Task, to_object, to_trainer_settings
 
 __all__ = [
@@ -649,7 +649,7 @@ def run_train(conf: GinsengConfig, workdir: str | os.PathLike) -> TrainResult:
     if conf.overwrite and settings.checkpoint_dir is not None:
         # overwrite=true asks for a new run over the old one's outputs: its checkpoints (written
         # for the dataset that was just rebuilt) are replaced too, not resumed.
-        from ginseng._checkpoint import remove_checkpoints
+        from ginseng.train.checkpoint import remove_checkpoints
 
         if _is_main() and (removed := remove_checkpoints(settings.checkpoint_dir)):
             names = ", ".join(p.name for p in removed)

@@ -25,7 +25,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-import ginseng._checkpoint as C
+import ginseng.train.checkpoint as C
 from ginseng import distributed
 from ginseng.data import GinsengDataset
 from ginseng.train import GinsengTrainer, GinsengTrainerSettings

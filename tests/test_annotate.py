@@ -251,7 +251,7 @@ def test_randomness_reproducible_and_batch_invariant(adata, state):
 
 
 def test_classification_report_by_hand():
-    from ginseng._report import from_confusion
+    from ginseng._core.report import from_confusion
 
     # truth x model counts; "delta" is a truth label the model does not have
     conf = np.array([[3, 1, 0], [0, 2, 2], [1, 0, 0], [0, 0, 0]])
@@ -281,7 +281,7 @@ def test_classification_report_by_hand():
 def test_classification_report_matches_scikit_learn():
     from sklearn.metrics import f1_score, precision_recall_fscore_support
 
-    from ginseng._report import from_labels
+    from ginseng._core.report import from_labels
 
     rng = np.random.default_rng(4)
     model = ["a", "b", "c", "d"]

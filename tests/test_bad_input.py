@@ -246,7 +246,7 @@ _KILL_CREATE = textwrap.dedent(
     """
     import os, signal, sys
     import numpy as np
-    from ginseng import _files
+    from ginseng._core import files as _files
     from ginseng.data import GinsengDataset
 
     where = sys.argv[2]
@@ -298,7 +298,7 @@ _KILL_OVERWRITE = textwrap.dedent(
     """
     import os, signal, sys
     import numpy as np
-    from ginseng import _files
+    from ginseng._core import files as _files
     from ginseng.data import GinsengDataset
 
     X = np.random.default_rng(0).poisson(2.0, size=(64, 8)).astype(np.float32)
@@ -886,7 +886,7 @@ def test_cli_unknown_task_value(tmp_path):
 
 
 def test_cli_bad_value_names_the_key():
-    with pytest.raises(ValueError, match=r"trainer.batch_size must be >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"trainer.batch_size must be an integer >= 1, got 0"):
         to_object(compose(["trainer.batch_size=0"]))
 
 

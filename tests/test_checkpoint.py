@@ -466,32 +466,26 @@ def test_stop_requests_are_summed_over_all_devices():
     # The flag of one device (as if one process of several got SIGTERM) reaches every device.
     from test_train import SETTINGS, _batches, _pad
 
-    from ginseng.train import (
-        _build_init,
-        _build_train_step,
-        _global_arrays,
-        _replicate,
-        _to_host,
-        make_mesh,
-    )
+    from ginseng._core.mesh import global_arrays, make_mesh, replicate, to_host
+    from ginseng.train.step import build_init, build_train_step
 
     mesh = make_mesh(jax.devices())
-    params, opt = _build_init(SETTINGS, mesh, 24, 3)(jax.random.key(0))
-    key = jax.random.wrap_key_data(_replicate(jax.random.key_data(jax.random.key(5)), mesh))
-    step = _build_train_step(SETTINGS, mesh, 10, stop_flag=True)
-    plain = _build_train_step(SETTINGS, mesh, 10)
+    params, opt = build_init(SETTINGS, mesh, 24, 3)(jax.random.key(0))
+    key = jax.random.wrap_key_data(replicate(jax.random.key_data(jax.random.key(5)), mesh))
+    step = build_train_step(SETTINGS, mesh, 10, stop_flag=True)
+    plain = build_train_step(SETTINGS, mesh, 10)
     (x, y), = _batches(8, 1)
-    arrays = _global_arrays(_pad(x, y, 8), mesh, 8)
+    arrays = global_arrays(_pad(x, y, 8), mesh, 8)
     for flags, want in (([0, 0, 0, 0], 0), ([0, 0, 1, 0], 1), ([1, 1, 1, 1], 4)):
         p, o = jax.tree.map(lambda a: a.copy(), (params, opt))
-        m = _replicate(np.zeros(2, np.float32), mesh)
-        flag = _global_arrays(_pad(np.zeros((4, 24), np.float32), np.asarray(flags, np.int32), 4), mesh, 4)[1]
+        m = replicate(np.zeros(2, np.float32), mesh)
+        flag = global_arrays(_pad(np.zeros((4, 24), np.float32), np.asarray(flags, np.int32), 4), mesh, 4)[1]
         p, o, m, count = step(p, o, m, key, *arrays, flag)
         assert count.sharding.is_fully_replicated
         assert [int(s.data) for s in count.addressable_shards] == [want] * 4
     # The flag changes nothing else: the same params as the step without it.
-    p2, _, _ = plain(*jax.tree.map(lambda a: a.copy(), (params, opt)), _replicate(np.zeros(2, np.float32), mesh), key, *arrays)
-    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(_to_host(p)), jax.tree.leaves(_to_host(p2))))
+    p2, _, _ = plain(*jax.tree.map(lambda a: a.copy(), (params, opt)), replicate(np.zeros(2, np.float32), mesh), key, *arrays)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(to_host(p)), jax.tree.leaves(to_host(p2))))
 
 
 # 2 processes x 2 devices -----------------------------------------------------------------

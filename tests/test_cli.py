@@ -182,7 +182,7 @@ def test_misspelled_override_lists_valid_keys(override, pattern):
 
 
 def test_values_are_validated_with_names_and_numbers():
-    with pytest.raises(ValueError, match=r"trainer.batch_size must be >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"trainer.batch_size must be an integer >= 1, got 0"):
         to_object(compose(["trainer.batch_size=0"]))
     with pytest.raises(ValueError, match=r"data.test_fraction must be in \[0, 1\), got 1.5"):
         to_object(compose(["data.test_fraction=1.5"]))

@@ -1,6 +1,6 @@
 import pytest
 
-from ginseng._files import atomic_path
+from ginseng._core.files import atomic_path
 
 
 def test_file_written_only_on_success(tmp_path):

@@ -15,7 +15,7 @@ import pytest
 from conftest import make_counts
 
 from ginseng import tasks
-from ginseng._progress import bar_disabled
+from ginseng._core.progress import bar_disabled
 from ginseng.annotate import annotate
 from ginseng.config import compose, describe_keys
 from ginseng.nn import nn_annotate_init

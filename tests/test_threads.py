@@ -1,10 +1,10 @@
-"""ginseng._threads.background: order, bounded look-ahead, errors and shutdown."""
+"""ginseng._core.threads.background: order, bounded look-ahead, errors and shutdown."""
 
 import threading
 
 import pytest
 
-from ginseng._threads import background
+from ginseng._core.threads import background
 
 
 def test_yields_every_item_in_order_with_bounded_lookahead():

@@ -9,19 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ginseng.train import (
-    GinsengLogger,
-    GinsengModelState,
-    GinsengTrainer,
-    GinsengTrainerSettings,
-    _build_eval_step,
-    _build_init,
-    _build_train_step,
-    _global_arrays,
-    _replicate,
-    _to_host,
-    make_mesh,
-)
+from ginseng._core.mesh import global_arrays, make_mesh, replicate, to_host
+from ginseng.train import GinsengLogger, GinsengModelState, GinsengTrainer, GinsengTrainerSettings
+from ginseng.train.step import build_eval_step, build_init, build_train_step
 
 Batch = namedtuple("Batch", "x y slot mask index")
 
@@ -128,15 +118,15 @@ def _pad(x, y, global_rows, junk=False):
 def _run_steps(settings, devices, batches, total_steps=None, junk=False):
     mesh = make_mesh(devices)
     n_dev = len(devices)
-    params, opt = _build_init(settings, mesh, N_GENES, N_CLASSES)(jax.random.key(0))
-    key = jax.random.wrap_key_data(_replicate(jax.random.key_data(jax.random.key(5)), mesh))
-    step = _build_train_step(settings, mesh, total_steps=total_steps or max(1, len(batches)))
-    metrics = _replicate(np.zeros(2, np.float32), mesh)
+    params, opt = build_init(settings, mesh, N_GENES, N_CLASSES)(jax.random.key(0))
+    key = jax.random.wrap_key_data(replicate(jax.random.key_data(jax.random.key(5)), mesh))
+    step = build_train_step(settings, mesh, total_steps=total_steps or max(1, len(batches)))
+    metrics = replicate(np.zeros(2, np.float32), mesh)
     for x, y in batches:
         rows = -(-len(y) // n_dev) * n_dev
         batch = _pad(x, y, rows, junk)
-        params, opt, metrics = step(params, opt, metrics, key, *_global_arrays(batch, mesh, rows))
-    return _to_host(params), _to_host(opt), _to_host(metrics)
+        params, opt, metrics = step(params, opt, metrics, key, *global_arrays(batch, mesh, rows))
+    return to_host(params), to_host(opt), to_host(metrics)
 
 
 SETTINGS = GinsengTrainerSettings(hidden_dim=8, rate=0.1, lam_max=0.3, lower=0, upper=4)
@@ -162,12 +152,12 @@ def test_one_device_step_has_no_all_reduce_and_four_devices_do():
     # A psum over one device is the identity, but XLA would still emit (slow, on CPU) all-reduces.
     def hlo(devices):
         mesh = make_mesh(devices)
-        params, opt = _build_init(SETTINGS, mesh, N_GENES, N_CLASSES)(jax.random.key(0))
-        key = jax.random.wrap_key_data(_replicate(jax.random.key_data(jax.random.key(5)), mesh))
+        params, opt = build_init(SETTINGS, mesh, N_GENES, N_CLASSES)(jax.random.key(0))
+        key = jax.random.wrap_key_data(replicate(jax.random.key_data(jax.random.key(5)), mesh))
         x, y = _batches(8, 1)[0]
-        args = _global_arrays(_pad(x, y, 8), mesh, 8)
-        metrics = _replicate(np.zeros(2, np.float32), mesh)
-        step = _build_train_step(SETTINGS, mesh, total_steps=1)
+        args = global_arrays(_pad(x, y, 8), mesh, 8)
+        metrics = replicate(np.zeros(2, np.float32), mesh)
+        step = build_train_step(SETTINGS, mesh, total_steps=1)
         return step.lower(params, opt, metrics, key, *args).compile().as_text()
 
     assert "all-reduce" not in hlo(jax.devices()[:1])
@@ -199,19 +189,19 @@ def test_step_on_stored_integer_counts_equals_float32_bit_for_bit():
 
     def run(devices, dtype):
         mesh = make_mesh(devices)
-        params, opt = _build_init(SETTINGS, mesh, N_GENES, N_CLASSES)(jax.random.key(0))
-        key = jax.random.wrap_key_data(_replicate(jax.random.key_data(jax.random.key(5)), mesh))
-        step = _build_train_step(SETTINGS, mesh, total_steps=len(batches))
-        ev = _build_eval_step(SETTINGS, mesh)
-        metrics = _replicate(np.zeros(2, np.float32), mesh)
+        params, opt = build_init(SETTINGS, mesh, N_GENES, N_CLASSES)(jax.random.key(0))
+        key = jax.random.wrap_key_data(replicate(jax.random.key_data(jax.random.key(5)), mesh))
+        step = build_train_step(SETTINGS, mesh, total_steps=len(batches))
+        ev = build_eval_step(SETTINGS, mesh)
+        metrics = replicate(np.zeros(2, np.float32), mesh)
         rows = -(-10 // len(devices)) * len(devices)
         for x, y in batches:
             b = _pad(x, y, rows)
-            arrays = _global_arrays(b._replace(x=b.x.astype(dtype)), mesh, rows)
+            arrays = global_arrays(b._replace(x=b.x.astype(dtype)), mesh, rows)
             assert arrays[0].dtype == dtype
             params, opt, metrics = step(params, opt, metrics, key, *arrays)
-        evm = ev(params, _replicate(np.zeros(3, np.float32), mesh), arrays[0], arrays[1], arrays[3])
-        return _to_host(params), _to_host(metrics), _to_host(evm)
+        evm = ev(params, replicate(np.zeros(3, np.float32), mesh), arrays[0], arrays[1], arrays[3])
+        return to_host(params), to_host(metrics), to_host(evm)
 
     for devices in (jax.devices()[:1], jax.devices()):
         as_float = run(devices, np.float32)
@@ -236,21 +226,21 @@ def test_padding_rows_do_not_change_the_step():
 
 def test_eval_step_counts_only_real_cells_and_is_deterministic():
     mesh = make_mesh(jax.devices())
-    params, _ = _build_init(SETTINGS, mesh, N_GENES, N_CLASSES)(jax.random.key(0))
-    ev = _build_eval_step(SETTINGS, mesh)
+    params, _ = build_init(SETTINGS, mesh, N_GENES, N_CLASSES)(jax.random.key(0))
+    ev = build_eval_step(SETTINGS, mesh)
     (x, y), = _batches(7, 1)
     batch = _pad(x, y, 8, junk=True)
-    arrays = _global_arrays(batch, mesh, 8)
-    m1 = _to_host(ev(params, _replicate(np.zeros(3, np.float32), mesh), arrays[0], arrays[1], arrays[3]))
-    m2 = _to_host(ev(params, _replicate(np.zeros(3, np.float32), mesh), arrays[0], arrays[1], arrays[3]))
+    arrays = global_arrays(batch, mesh, 8)
+    m1 = to_host(ev(params, replicate(np.zeros(3, np.float32), mesh), arrays[0], arrays[1], arrays[3]))
+    m2 = to_host(ev(params, replicate(np.zeros(3, np.float32), mesh), arrays[0], arrays[1], arrays[3]))
     np.testing.assert_array_equal(m1, m2)
     assert m1[2] == 7.0 and 0.0 <= m1[1] <= 7.0 and np.isfinite(m1[0])
     # One device, no padding: the same sums.
     mesh1 = make_mesh(jax.devices()[:1])
-    params1, _ = _build_init(SETTINGS, mesh1, N_GENES, N_CLASSES)(jax.random.key(0))
+    params1, _ = build_init(SETTINGS, mesh1, N_GENES, N_CLASSES)(jax.random.key(0))
     b1 = _pad(x, y, 7)
-    a1 = _global_arrays(b1, mesh1, 7)
-    m3 = _to_host(_build_eval_step(SETTINGS, mesh1)(params1, _replicate(np.zeros(3, np.float32), mesh1), a1[0], a1[1], a1[3]))
+    a1 = global_arrays(b1, mesh1, 7)
+    m3 = to_host(build_eval_step(SETTINGS, mesh1)(params1, replicate(np.zeros(3, np.float32), mesh1), a1[0], a1[1], a1[3]))
     np.testing.assert_allclose(m1, m3, rtol=1e-5)
 
 
@@ -422,18 +412,18 @@ def test_large_gene_counts_warn_what_the_model_costs():
     from jax.sharding import Mesh
 
     from ginseng.nn import nn_annotate_init
-    from ginseng.train import _build_init, _n_params
+    from ginseng.train.step import build_init, n_params
 
     params = nn_annotate_init(jax.random.key(0), 50, 7, 9)
-    assert _n_params(50, 7, 9) == sum(x.size for x in jax.tree.leaves(params))
+    assert n_params(50, 7, 9) == sum(x.size for x in jax.tree.leaves(params))
     mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
     with pytest.warns(UserWarning, match=r"the model has 383 M parameters for 13714 genes .* 1.5 GB as float32"):
-        _build_init(GinsengTrainerSettings(), mesh, 13714, 9)  # builds the function, allocates nothing
+        build_init(GinsengTrainerSettings(), mesh, 13714, 9)  # builds the function, allocates nothing
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _build_init(GinsengTrainerSettings(), mesh, 2000, 9)
+        build_init(GinsengTrainerSettings(), mesh, 2000, 9)
 
 
 def test_integer_labels_come_back_as_integers(tmp_path):

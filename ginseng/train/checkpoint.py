@@ -22,8 +22,9 @@ import h5py
 import jax
 import numpy as np
 
-from ginseng._files import atomic_path
-from ginseng._h5tree import DamagedError, read_attr, read_dataset, read_tree, write_tree
+from ginseng._core.files import atomic_path
+from ginseng._core.h5tree import DamagedError, read_attr, read_dataset, read_tree, write_tree
+from ginseng._core.mesh import to_host
 from ginseng.opt import AdamState
 
 CHECKPOINT_FORMAT = "ginseng.checkpoint"
@@ -302,3 +303,99 @@ def set_aside(damaged: list[tuple[Path, str]], used: Path, *, main: bool) -> Non
                 f"(the damaged file is kept as {str(target)!r})",
                 stacklevel=3,
             )
+
+
+# --------------------------------------------------------------------------------------------
+# The trainer's side: the directory, what to resume from, and writing its state
+# --------------------------------------------------------------------------------------------
+
+
+def prepare_dir(ckpt_dir, resume: bool, main: bool) -> None:
+    """Create the directory, clear a killed save's temporaries, refuse to start over a run."""
+    if resume and ckpt_dir is None:
+        msg = "resume=True needs settings.checkpoint_dir, got None"
+        raise ValueError(msg)
+    if ckpt_dir is None:
+        return
+    if main:
+        Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(ckpt_dir)
+    if jax.process_count() > 1:
+        from ginseng import distributed
+
+        distributed.barrier("ginseng_checkpoint_dir")
+    existing = list_checkpoints(ckpt_dir)
+    if existing and not resume:
+        msg = (
+            f"checkpoint_dir {str(ckpt_dir)!r} already holds a checkpoint "
+            f"({existing[0].name}); pass resume=True to continue that run, or use another "
+            "checkpoint_dir (it is never overwritten by a new run)"
+        )
+        raise FileExistsError(msg)
+
+
+def restore(ckpt_dir, settings, identity, batches_per_epoch: int, total_steps: int, main: bool):
+    """The checkpoint to resume from (its record, with ``path``), or None to start afresh.
+
+    The newest checkpoint that reads completely is used; damaged newer ones are named in a
+    warning and set aside. Every process must continue from the same place: a checkpoint_dir
+    that is not on a shared filesystem would let process 0 resume while the others start over.
+    """
+    rec, path, damaged = newest_usable(ckpt_dir)
+    if rec is not None:
+        check_resumable(rec, path, settings, identity, batches_per_epoch, total_steps)
+        rec["path"] = path
+    if jax.process_count() > 1:
+        from ginseng import distributed
+
+        where = np.asarray(
+            [rec is not None]
+            + ([rec["epoch"], rec["step_in_epoch"], rec["global_step"]] if rec else [0, 0, 0]),
+            np.int32,
+        )
+        found = distributed.process_allgather(where)
+        if not np.all(found == found[0]):
+            seen = "; ".join(
+                f"process {p}: " + (f"epoch {r[1]}, step {r[2]}, global step {r[3]}" if r[0] else "no checkpoint")
+                for p, r in enumerate(found.tolist())
+            )
+            msg = (
+                f"processes found different checkpoints in checkpoint_dir {str(ckpt_dir)!r} ({seen}); "
+                "it must be one directory that every process sees (a shared filesystem)"
+            )
+            raise ValueError(msg)
+    if rec is not None:
+        set_aside(damaged, path, main=main)
+    return rec
+
+
+
+class Checkpointer:
+    """Writes the trainer's state (a ``TrainState``) with its position in the run."""
+
+    def __init__(self, directory, settings, identity: str, total_steps: int, batches_per_epoch: int):
+        self.directory = directory
+        self.settings = settings
+        self.identity = identity
+        self.total_steps = int(total_steps)
+        self.batches_per_epoch = int(batches_per_epoch)
+
+    def save(self, state, logger, epoch: int, batch: int) -> Path:
+        """Checkpoint ``state`` as the position (epoch, batch of that epoch) of the run."""
+        host = to_host({
+            "params": state.params, "opt_state": state.opt_state, "metrics": state.metrics,
+            "train_key": jax.random.key_data(state.key),
+        })
+        return save_checkpoint(
+            self.directory,
+            state={
+                **host, "rng_impl": jax.random.key_impl(state.key),
+                "device_count": len(state.key.sharding.device_set),
+            },
+            position={
+                "epoch": epoch, "step_in_epoch": batch, "total_steps": self.total_steps,
+                "batches_per_epoch": self.batches_per_epoch,
+            },
+            logger=logger, settings=self.settings, identity=self.identity,
+            keep=self.settings.keep_checkpoints,
+        )

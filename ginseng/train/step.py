@@ -1,0 +1,191 @@
+"""The compiled computations of training: parameter initialization, the train step, the eval step.
+
+Each step is written once and jitted once. Params and optimizer state are replicated over the
+``"data"`` mesh (``ginseng._core.mesh``); each global batch is sharded over it. Inside
+``jax.shard_map`` every device augments and classifies its rows with one PRNG key per cell
+(derived from the step and the cell's position in the GLOBAL batch, never from the device), sums
+the masked cross-entropy, takes gradients of that local sum, and the gradients, loss and cell
+counts are summed across ``"data"`` (an all-reduce, ``lax.psum``) before dividing by the global
+number of real cells. The result therefore does not depend on how many devices or processes ran
+it, up to float summation order.
+
+Steps are cached on the settings that shape them and on the mesh, so that training again with the
+same settings (tests, sweeps, resumes) reuses the compiled step.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from jaxtyping import Array, Int
+
+from ginseng._core.mesh import DATA_AXIS, all_sum
+from ginseng.augment import augment
+from ginseng.nn import _cross_entropy, nn_annotate, nn_annotate_init
+from ginseng.opt import opt_adam_update, opt_cosine_lr, opt_init_adam
+from ginseng.train.settings import GinsengTrainerSettings
+
+__all__ = ["LARGE_MODEL_PARAMS", "build_eval_step", "build_init", "build_train_step", "cell_keys", "n_params"]
+
+
+def cell_keys(key: Array, step: Int[Array, ""], slot: Int[Array, " cells"]) -> Array:
+    # Keyed by the global step and the cell's position in the GLOBAL batch, never by the device.
+    step_key = jax.random.fold_in(key, step)
+    return jax.vmap(lambda s: jax.random.fold_in(step_key, s))(slot)
+
+
+# Fields that shape the compiled computations. Steps are cached on them and on the mesh, so that
+# training again with the same settings (tests, sweeps, resumes) reuses the compiled step.
+_STEP_FIELDS = (
+    "rate", "lam_max", "lower", "upper", "hidden_dim", "dropout_rate", "lr", "lr_schedule", "betas",
+    "eps", "weight_decay", "normalize", "target_sum",
+)
+
+
+def _step_key(settings: GinsengTrainerSettings) -> tuple:
+    return tuple(getattr(settings, f) for f in _STEP_FIELDS)
+
+
+def build_train_step(
+    settings: GinsengTrainerSettings, mesh: Mesh, total_steps: int, stop_flag: bool = False
+):
+    # Only a schedule reads total_steps: leave it out of the cache key otherwise.
+    total = int(total_steps) if settings.lr_schedule != "constant" else 0
+    return _cached_train_step(_step_key(settings), mesh, stop_flag, total)
+
+
+def build_eval_step(settings: GinsengTrainerSettings, mesh: Mesh):
+    return _cached_eval_step(_step_key(settings), mesh)
+
+
+# Above this many parameters a warning says what the model costs (the gene x gene layers grow with
+# the square of the number of genes: 2,000 HVGs give 9 M, all 13,714 genes of pbmc3k 383 M).
+LARGE_MODEL_PARAMS = 50_000_000
+
+
+def n_params(n_genes: int, n_classes: int, hidden_dim: int) -> int:
+    g, c, h = n_genes, n_classes, hidden_dim
+    return 2 * (g * g + g) + (g * h + h) + (h * g + g) + (g * c + c)
+
+
+def build_init(settings: GinsengTrainerSettings, mesh: Mesh, n_genes: int, n_classes: int):
+    n = n_params(int(n_genes), int(n_classes), settings.hidden_dim)
+    if n > LARGE_MODEL_PARAMS and jax.process_index() == 0:
+        msg = (
+            f"the model has {n / 1e6:,.0f} M parameters for {n_genes} genes (two gene x gene "
+            f"layers): {4 * n / 1e9:.1f} GB as float32, about {16 * n / 1e9:.1f} GB in training "
+            "with Adam's moments and the gradients, and the same again per checkpoint. Selecting "
+            "highly variable genes (a few thousand) is the usual choice"
+        )
+        warnings.warn(msg, UserWarning, stacklevel=3)
+    return _cached_init(settings.hidden_dim, mesh, int(n_genes), int(n_classes))
+
+
+def _settings_from_key(key: tuple) -> GinsengTrainerSettings:
+    return GinsengTrainerSettings(**dict(zip(_STEP_FIELDS, key)))
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_train_step(key: tuple, mesh: Mesh, stop_flag: bool = False, total_steps: int = 0):
+    """Jitted ``step(params, opt_state, metrics, key, x, y, slot, mask) -> (params, opt_state, metrics)``.
+
+    ``metrics`` is a float32 ``[loss_sum, n_cells]`` accumulated on device, so that the host need not
+    fetch anything per step. params, opt_state and metrics are donated.
+
+    With ``stop_flag`` the step takes one more argument, an int32 array with one entry per device
+    (sharded over ``"data"``: 1 where that device's process was asked to stop), and returns one more
+    value, its sum over all devices. The sum rides on the gradient all-reduce, so every process
+    learns that some process received SIGTERM/SIGUSR1 at no extra collective.
+    """
+    s = _settings_from_key(key)
+    single, psum = all_sum(mesh)
+
+    def cell_loss(params, key, x, y):
+        k_aug, k_nn = jax.random.split(key)
+        x = augment(k_aug, x, s.rate, s.lam_max, s.lower, s.upper)
+        logits = nn_annotate(
+            params, k_nn, x, dropout_rate=s.dropout_rate, normalize=s.normalize,
+            target_sum=s.target_sum, training=True,
+        )
+        return _cross_entropy(logits, y)
+
+    def local_step(params, opt_state, metrics, key, x, y, slot, mask, stop=None):
+        keys = cell_keys(key, opt_state.step, slot)
+        # Counts arrive as stored (uint16/uint32, or float32); padding rows become zero counts
+        # (finite everywhere) and are masked out of the sum.
+        x = jnp.where(mask[:, None], x.astype(jnp.float32), 0.0)
+
+        def local_loss(p):
+            losses = jax.vmap(cell_loss, in_axes=(None, 0, 0, 0))(p, keys, x, y)
+            return jnp.sum(jnp.where(mask, losses, 0.0))
+
+        # Differentiate with respect to a per-device ("varying") copy of the replicated params:
+        # these are this device's gradients, summed explicitly below. (Differentiating the
+        # replicated params directly would make autodiff insert that sum itself, and a second
+        # psum would then scale the gradients by the device count.)
+        local_params = params if single else jax.lax.pcast(params, DATA_AXIS, to="varying")
+        loss_sum, grads = jax.value_and_grad(local_loss)(local_params)
+        count = jnp.sum(mask.astype(jnp.float32))
+        if stop is None:
+            grads, loss_sum, count = psum((grads, loss_sum, count))
+        else:
+            grads, loss_sum, count, stop_total = psum((grads, loss_sum, count, jnp.sum(stop)))
+        grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
+        lr = s.lr if s.lr_schedule == "constant" else opt_cosine_lr(s.lr, opt_state.step, total_steps)
+        params, opt_state = opt_adam_update(
+            grads, params, opt_state, lr=lr, betas=s.betas, eps=s.eps, weight_decay=s.weight_decay
+        )
+        out = (params, opt_state, metrics + jnp.stack([loss_sum, count]))
+        return (*out, stop_total) if stop_flag else out
+
+    rep, dat = P(), P(DATA_AXIS)
+    sharded = jax.shard_map(
+        local_step,
+        mesh=mesh,
+        in_specs=(rep, rep, rep, rep, dat, dat, dat, dat) + ((dat,) if stop_flag else ()),
+        out_specs=(rep, rep, rep) + ((rep,) if stop_flag else ()),
+        check_vma=not single,
+    )
+    return jax.jit(sharded, donate_argnums=(0, 1, 2))
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_eval_step(key: tuple, mesh: Mesh):
+    """Jitted ``step(params, metrics, x, y, mask) -> metrics``; metrics = [loss_sum, correct, count]."""
+    s = _settings_from_key(key)
+    single, psum = all_sum(mesh)
+
+    def local_step(params, metrics, x, y, mask):
+        x = jnp.where(mask[:, None], x.astype(jnp.float32), 0.0)
+        logits = nn_annotate(
+            params, jax.random.key(0), x, dropout_rate=s.dropout_rate, normalize=s.normalize,
+            target_sum=s.target_sum, training=False,
+        )
+        losses = _cross_entropy(logits, y)
+        loss_sum = jnp.sum(jnp.where(mask, losses, 0.0))
+        correct = jnp.sum(jnp.where(mask, jnp.argmax(logits, axis=-1) == y, False).astype(jnp.float32))
+        count = jnp.sum(mask.astype(jnp.float32))
+        return metrics + psum(jnp.stack([loss_sum, correct, count]))
+
+    rep, dat = P(), P(DATA_AXIS)
+    sharded = jax.shard_map(
+        local_step, mesh=mesh, in_specs=(rep, rep, dat, dat, dat), out_specs=rep,
+        check_vma=not single,
+    )
+    return jax.jit(sharded, donate_argnums=(1,))
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_init(hidden_dim: int, mesh: Mesh, n_genes: int, n_classes: int):
+    """Jitted ``init(key) -> (params, opt_state)``, created directly replicated on every device."""
+
+    def init(key):
+        params = nn_annotate_init(key, n_genes, n_classes, hidden_dim)
+        return params, opt_init_adam(params)
+
+    return jax.jit(init, out_shardings=NamedSharding(mesh, P()))
