@@ -36,7 +36,8 @@ def main(argv=None):
         sys.path.insert(0, str(Path(a.repo).resolve()))
     import anndata
 
-    import ginseng.data as gd
+    import ginseng.data as gdata
+    import ginseng.data.create as gd
 
     if a.buffer_mb is not None:
         gd._WRITE_BUFFER_BYTES = int(a.buffer_mb * (1 << 20))
@@ -46,11 +47,11 @@ def main(argv=None):
     adata = anndata.read_h5ad(a.h5ad, backed="r")
     with tempfile.TemporaryDirectory(dir=a.workdir) as tmp:
         t0 = time.perf_counter()
-        ds = gd.GinsengDataset.create(Path(tmp) / "ds.zarr", adata, a.labels, silent=True)
+        ds = gdata.GinsengDataset.create(Path(tmp) / "ds.zarr", adata, a.labels, silent=True)
         wall = time.perf_counter() - t0
         n_blocks = len(set(reads))
         out = {
-            "ginseng": str(Path(gd.__file__).resolve().parent.parent),
+            "ginseng": str(Path(gdata.__file__).resolve().parent.parent.parent),
             "cells": ds.n_cells,
             "genes": ds.n_genes,
             "buffer_mb": gd._WRITE_BUFFER_BYTES / (1 << 20),

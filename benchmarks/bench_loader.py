@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-import ginseng.data as gdata
+import ginseng.data.sampler as gdata
 from ginseng.data import GinsengDataset
 
 

@@ -499,7 +499,7 @@ class _TableWriter:
 
 def _is_annotation_store(path: Path) -> bool:
     """Whether ``path`` is a store that annotate wrote (only those may be replaced)."""
-    from ginseng.data import _read_ginseng_attrs
+    from ginseng.data.format import read_attrs as _read_ginseng_attrs
 
     return _read_ginseng_attrs(Path(path), "ginseng.annotation") is not None
 

@@ -428,7 +428,7 @@ def run_prepare(conf: GinsengConfig, workdir: str | os.PathLike, reuse: bool = F
         return PreparedData(dataset, adata, train_idx, test_idx)
 
     if _is_main():
-        from ginseng.data import _read_ginseng_attrs
+        from ginseng.data.format import read_attrs as _read_ginseng_attrs
 
         check_writable_target(
             store, conf.overwrite, "dataset store", "dir", lambda p: _read_ginseng_attrs(p) is not None

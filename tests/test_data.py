@@ -25,7 +25,7 @@ def test_multi_run_write_round_trip_and_input_passes(tmp_path, monkeypatch, kind
     and on-disk inputs, with a gene mask. A backed input past _SPILL_MIN_RUNS buffers is streamed
     exactly twice (the value check and the bucket pass), not once per buffer-full; below it, once
     per buffer."""
-    import ginseng.data as gd
+    import ginseng.data.create as gd
 
     monkeypatch.setattr(gd, "_SPILL_MIN_RUNS", 2 if spill else 100)
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from conftest import make_counts
 
-import ginseng.data as gdata
+import ginseng.data.loader as gdata
+import ginseng.data.sampler as gsampler
 from ginseng.data import GinsengDataset
 
 
@@ -70,7 +71,7 @@ def test_assembly_threads_change_nothing(ds, monkeypatch, dtype, kw):
     # Small windows: many groups, so the group buffer is rewritten while worker threads run,
     # and a batch gathered from a stale or half-copied buffer would show. Batches consumed and
     # dropped, and batches kept, must all equal the inline assembly's.
-    monkeypatch.setattr(gdata, "_WINDOW_ROWS", 64)
+    monkeypatch.setattr(gsampler, "_WINDOW_ROWS", 64)
     monkeypatch.setattr(gdata, "_INFLIGHT_BYTES", 1)
     inline = [(b.index.copy(), b.x.copy(), b.y.copy(), b.mask.copy())
               for b in ds.loader(16, seed=3, dtype=dtype, workers=0, **kw).epoch(2)]
@@ -173,7 +174,7 @@ def test_randomness_close_to_iid(tmp_path, monkeypatch):
     n, batch = 4000, 64
     adata = make_counts(n_cells=n, n_genes=8, n_labels=5, seed=4)
     adata = adata[np.argsort(adata.obs["cell_type"].to_numpy(), kind="stable")].copy()
-    monkeypatch.setattr(gdata, "_WINDOW_ROWS", 256)
+    monkeypatch.setattr(gsampler, "_WINDOW_ROWS", 256)
     ds = GinsengDataset.create(tmp_path / "s", adata, "cell_type", chunk_size=32, silent=True)
     glob = np.bincount(ds.labels, minlength=5) / n
 
@@ -266,7 +267,7 @@ def test_early_exit_stops_reader_thread(ds):
 
 def test_epoch_plans_batches_as_it_reads_not_all_upfront(ds, monkeypatch):
     # Memory must not grow with the dataset: the loader may plan only a few groups ahead of use.
-    monkeypatch.setattr(gdata, "_WINDOW_ROWS", 64)  # groups of 8 batches of 8 rows
+    monkeypatch.setattr(gsampler, "_WINDOW_ROWS", 64)  # groups of 8 batches of 8 rows
     monkeypatch.setattr(gdata, "_INFLIGHT_BYTES", 1)  # 4 chunk reads in flight
     calls = []
     layout = gdata.BatchLoader._batch_layout
