@@ -7,7 +7,7 @@ runs, each in a fresh subprocess:
 - ``annotate(model.h5, cells.h5ad, backed=True, output=out.parquet)`` -> cells/s (wall time of
   the whole call: model load, open, compile, stream, write), peak RSS (VmHWM of that process),
   output rows checked;
-- the forward-pass compute ceiling: the same jitted forward (``ginseng.annotate._build_forward``,
+- the forward-pass compute ceiling: the same jitted forward (``ginseng.annotate.forward.build_forward``,
   same batch size, devices and settings) applied repeatedly to one in-memory batch -> cells/s.
 
 Targets (issue 5): peak RSS at 1M cells < 1.5 GB, 100k within 20 % of it; throughput >= 90 % of
@@ -133,7 +133,8 @@ def child_ceiling(args) -> dict:
     import jax
     from jax.sharding import Mesh
 
-    from ginseng.annotate import _build_forward, _replicate
+    from ginseng._core.mesh import replicate
+    from ginseng.annotate.forward import build_forward
     from ginseng.io import load_ginseng_state
 
     state = load_ginseng_state(args.model)
@@ -142,11 +143,11 @@ def child_ceiling(args) -> dict:
     gb = -(-args.batch_size // len(devs)) * len(devs)
     x = np.asarray(ad.X[:gb].toarray(), np.float32)
     mesh = Mesh(np.asarray(devs), ("data",))
-    fwd, data_sh, repl_sh = _build_forward(
+    fwd, data_sh, _ = build_forward(
         mesh, dropout_rate=state.dropout_rate, normalize=state.normalize, target_sum=state.target_sum,
         randomness=False, n_samples=1, want_probs=False, want_attn=False)
-    params = _replicate(state.params, repl_sh)
-    seed = _replicate(np.uint32(0), repl_sh)
+    params = replicate(state.params, mesh)
+    seed = replicate(np.uint32(0), mesh)
     xd = jax.device_put(x, data_sh)
     idx = jax.device_put(np.arange(gb, dtype=np.int32), data_sh)
     jax.block_until_ready(fwd(params, seed, xd, idx))

@@ -64,9 +64,10 @@ def _likely_mismatch_cause(input_genes: np.ndarray, model_genes: np.ndarray, n_f
 
 
 def map_genes(input_genes: np.ndarray, model_genes: np.ndarray, *, allow_missing: bool = True,
-               gene_key: str | None = None, var_columns=(), min_overlap: float | None = None) -> GeneMap:
+               gene_key: str | None = None, var_columns=(), min_overlap: float | None = None,
+              stacklevel: int = 3) -> GeneMap:
     """Index the model's genes in the input; warn on partial overlap, raise on none (or on less
-    than ``min_overlap`` of the model's genes)."""
+    than ``min_overlap`` of the model's genes). ``stacklevel``: of the warnings (the user's call)."""
     input_genes = np.asarray(input_genes).astype(str)
     model_genes = np.asarray(model_genes).astype(str)
     n_model = len(model_genes)
@@ -86,7 +87,7 @@ def map_genes(input_genes: np.ndarray, model_genes: np.ndarray, *, allow_missing
                 f"e.g. {[str(g) for g in dup[:5]]}; the first column of each is used. Make the "
                 "names unique (adata.var_names_make_unique()) or pass gene_key= to choose"
             )
-            warnings.warn(msg, UserWarning, stacklevel=3)
+            warnings.warn(msg, UserWarning, stacklevel=stacklevel)
     if len(input_genes) and n_model:
         kind_in, kind_model = _gene_id_kind(input_genes), _gene_id_kind(model_genes)
         if {kind_in, kind_model} == {"ensembl", "symbol"}:
@@ -128,7 +129,7 @@ def map_genes(input_genes: np.ndarray, model_genes: np.ndarray, *, allow_missing
             f"found in the input ({where}); the {n_model - n_found} missing genes "
             f"(e.g. {[str(g) for g in missing[:5]]}) are filled with zeros, which may lower accuracy"
         )
-        warnings.warn(msg, UserWarning, stacklevel=3)
+        warnings.warn(msg, UserWarning, stacklevel=stacklevel)
     dst = np.flatnonzero(found).astype(np.int64)
     src = pos[found]
     identity = n_found == n_model and len(input_genes) == n_model and bool(np.all(src == dst))
