@@ -363,6 +363,98 @@ def _write_csv(df: pd.DataFrame, path: Path, overwrite: bool, index: bool = Fals
 # prepare
 
 
+def _reuse_store(conf: GinsengConfig, store: Path, record_path: Path, record: dict, path: Path,
+                 n_train: int):
+    """The existing dataset at ``store``, refused unless built from the same settings and cells."""
+    from ginseng.data import GinsengDataset
+
+    dataset = GinsengDataset(store)  # refuses (naming the path) anything that is not a dataset
+    if record_path.exists():
+        old = yaml.safe_load(record_path.read_text())
+        if old != record:
+            diff = [
+                f"{sec}.{k}: store {old.get(sec, {}).get(k)!r} != config {v!r}"
+                for sec in ("data", "genes")
+                for k, v in record[sec].items()
+                if old.get(sec, {}).get(k) != v
+            ]
+            if old.get("input") != record["input"]:
+                diff.insert(0, f"input: store {old.get('input')!r} != config {record['input']!r}")
+            msg = (
+                f"the dataset {str(store)!r} was built with other settings ({'; '.join(diff)}); "
+                "pass overwrite=true to rebuild it or set data.store to a new path"
+            )
+            raise ValueError(msg)
+    if dataset.n_cells != n_train:
+        msg = (
+            f"the dataset {str(store)!r} has {dataset.n_cells} cells but the training split of "
+            f"{str(path)!r} has {n_train}; pass overwrite=true to rebuild it"
+        )
+        raise ValueError(msg)
+    _say(conf, f"Using the dataset {store} ({dataset.n_cells} cells x {dataset.n_genes} genes)")
+    return dataset
+
+
+def _select_genes(conf: GinsengConfig, train, layer, cells) -> np.ndarray | None:
+    """The gene mask of ``genes.select`` (HVGs of the training cells), or None for all genes."""
+    if conf.genes.select != GeneSelection.hvg:
+        return None
+    from ginseng.utils import compute_hvgs
+
+    compute_hvgs(
+        train,
+        n_top_genes=min(conf.genes.n_top_genes, train.n_vars),
+        min_mean=conf.genes.min_mean,
+        max_mean=conf.genes.max_mean,
+        n_bins=conf.genes.n_bins,
+        layer=layer,
+        cells=cells,
+    )
+    gene_mask = train.var["ginseng_genes"].to_numpy(bool)
+    _say(conf, f"Selected {int(gene_mask.sum())} highly variable genes of the training cells")
+    return gene_mask
+
+
+def _build_store(conf: GinsengConfig, workdir: Path, store: Path, adata, split, labels, record: dict,
+                 reuse: bool):
+    """Process 0: select genes, write the dataset, ``test_cells.csv`` and ``prepare.yaml``."""
+    from ginseng.data import GinsengDataset
+    from ginseng.data.format import read_attrs
+
+    path, train_idx, test_idx = split
+    check_writable_target(store, conf.overwrite, "dataset store", "dir", lambda p: read_attrs(p) is not None)
+    for name in ("test_cells.csv", "prepare.yaml"):
+        check_writable_target(workdir / name, overwrite=conf.overwrite or reuse, what=name)
+    _say(
+        conf,
+        f"Input {path}: {adata.n_obs} cells x {adata.n_vars} genes; "
+        f"{len(train_idx)} for training, {len(test_idx)} set aside for testing",
+    )
+    # In memory: the training cells as their own AnnData. Backed: the file itself, read block
+    # by block for the training rows only (memory bounded by a block, whatever the size).
+    if adata.isbacked:
+        train, cells, layer = adata, train_idx, conf.data.layer
+    else:
+        train, cells, layer = _subset(adata, train_idx, conf.data.layer), None, None
+    dataset = GinsengDataset.create(
+        store, train, labels=conf.data.labels, chunk_size=conf.data.chunk_size,
+        groups=conf.data.groups, gene_key=conf.data.gene_key,
+        gene_mask=_select_genes(conf, train, layer, cells), layer=layer, cells=cells, shuffle=True,
+        seed=conf.data.seed, overwrite=conf.overwrite, silent=conf.silent,
+    )
+    test_table = pd.DataFrame(
+        {
+            "index": test_idx,
+            "barcode": np.asarray(adata.obs_names[test_idx], dtype=str),
+            "label": np.asarray(labels[test_idx]).astype(str),
+        }
+    )
+    _write_csv(test_table, workdir / "test_cells.csv", overwrite=conf.overwrite or reuse)
+    _write_text(workdir / "prepare.yaml", yaml.safe_dump(record), overwrite=conf.overwrite or reuse)
+    _say(conf, f"Wrote the dataset {store} ({dataset.n_cells} cells x {dataset.n_genes} genes)")
+    return dataset
+
+
 def run_prepare(conf: GinsengConfig, workdir: str | os.PathLike, reuse: bool = False) -> PreparedData:
     """Build the training dataset: test split, gene selection on training cells, the store.
 
@@ -401,92 +493,10 @@ def run_prepare(conf: GinsengConfig, workdir: str | os.PathLike, reuse: bool = F
 
         reuse_store = bool(distributed.process_allgather(np.int32(reuse_store))[0])
     if reuse_store:
-        dataset = GinsengDataset(store)  # refuses (naming the path) anything that is not a dataset
-        if record_path.exists():
-            old = yaml.safe_load(record_path.read_text())
-            if old != record:
-                diff = [
-                    f"{sec}.{k}: store {old.get(sec, {}).get(k)!r} != config {v!r}"
-                    for sec in ("data", "genes")
-                    for k, v in record[sec].items()
-                    if old.get(sec, {}).get(k) != v
-                ]
-                if old.get("input") != record["input"]:
-                    diff.insert(0, f"input: store {old.get('input')!r} != config {record['input']!r}")
-                msg = (
-                    f"the dataset {str(store)!r} was built with other settings ({'; '.join(diff)}); "
-                    "pass overwrite=true to rebuild it or set data.store to a new path"
-                )
-                raise ValueError(msg)
-        if dataset.n_cells != len(train_idx):
-            msg = (
-                f"the dataset {str(store)!r} has {dataset.n_cells} cells but the training split of "
-                f"{str(path)!r} has {len(train_idx)}; pass overwrite=true to rebuild it"
-            )
-            raise ValueError(msg)
-        _say(conf, f"Using the dataset {store} ({dataset.n_cells} cells x {dataset.n_genes} genes)")
+        dataset = _reuse_store(conf, store, record_path, record, path, len(train_idx))
         return PreparedData(dataset, adata, train_idx, test_idx)
-
     if _is_main():
-        from ginseng.data.format import read_attrs as _read_ginseng_attrs
-
-        check_writable_target(
-            store, conf.overwrite, "dataset store", "dir", lambda p: _read_ginseng_attrs(p) is not None
-        )
-        for name in ("test_cells.csv", "prepare.yaml"):
-            check_writable_target(workdir / name, overwrite=conf.overwrite or reuse, what=name)
-        _say(
-            conf,
-            f"Input {path}: {adata.n_obs} cells x {adata.n_vars} genes; "
-            f"{len(train_idx)} for training, {len(test_idx)} set aside for testing",
-        )
-        # In memory: the training cells as their own AnnData. Backed: the file itself, read block
-        # by block for the training rows only (memory bounded by a block, whatever the size).
-        if adata.isbacked:
-            train, cells, layer = adata, train_idx, conf.data.layer
-        else:
-            train, cells, layer = _subset(adata, train_idx, conf.data.layer), None, None
-        gene_mask = None
-        if conf.genes.select == GeneSelection.hvg:
-            from ginseng.utils import compute_hvgs
-
-            n_top = min(conf.genes.n_top_genes, train.n_vars)
-            compute_hvgs(
-                train,
-                n_top_genes=n_top,
-                min_mean=conf.genes.min_mean,
-                max_mean=conf.genes.max_mean,
-                n_bins=conf.genes.n_bins,
-                layer=layer,
-                cells=cells,
-            )
-            gene_mask = train.var["ginseng_genes"].to_numpy(bool)
-            _say(conf, f"Selected {int(gene_mask.sum())} highly variable genes of the training cells")
-        dataset = GinsengDataset.create(
-            store,
-            train,
-            labels=conf.data.labels,
-            chunk_size=conf.data.chunk_size,
-            groups=conf.data.groups,
-            gene_key=conf.data.gene_key,
-            gene_mask=gene_mask,
-            layer=layer,
-            cells=cells,
-            shuffle=True,
-            seed=conf.data.seed,
-            overwrite=conf.overwrite,
-            silent=conf.silent,
-        )
-        test_table = pd.DataFrame(
-            {
-                "index": test_idx,
-                "barcode": np.asarray(adata.obs_names[test_idx], dtype=str),
-                "label": np.asarray(labels[test_idx]).astype(str),
-            }
-        )
-        _write_csv(test_table, workdir / "test_cells.csv", overwrite=conf.overwrite or reuse)
-        _write_text(record_path, yaml.safe_dump(record), overwrite=conf.overwrite or reuse)
-        _say(conf, f"Wrote the dataset {store} ({dataset.n_cells} cells x {dataset.n_genes} genes)")
+        dataset = _build_store(conf, workdir, store, adata, (path, train_idx, test_idx), labels, record, reuse)
     _barrier("ginseng-prepare")
     if not _is_main():
         dataset = GinsengDataset(store)

@@ -29,7 +29,7 @@ from ginseng.config import (
 )
 from ginseng.data import GinsengDataset
 from ginseng.io import load_ginseng_state
-from ginseng.train import list_checkpoints
+from ginseng.train import GinsengTrainerSettings, list_checkpoints
 
 N_CELLS, N_GENES = 300, 60
 TINY = ["trainer.epochs=2", "trainer.batch_size=64", "model.hidden_dim=16", "silent=true"]
@@ -316,3 +316,16 @@ def test_backed_run_streams_and_equals_the_in_memory_run(tiny_h5ad, tmp_path, mo
     pa, pb = (pd.read_csv(runs[k] / "test_predictions.csv") for k in (False, True))
     pd.testing.assert_frame_equal(pa, pb)
     assert (runs[True] / "test_predictions.report.csv").read_text() == (runs[False] / "test_predictions.report.csv").read_text()
+
+
+def test_training_values_are_checked_by_the_trainers_rules_naming_the_cli_key():
+    # One place checks training values (ginseng.train.settings); the CLI runs it on its keys, so
+    # a value the trainer would refuse is refused at compose time, naming what the user typed.
+    with pytest.raises(ValueError, match=r"trainer.upper must be > lower, got lower=5, upper=5"):
+        to_object(compose(["trainer.lower=5", "trainer.upper=5"]))
+    with pytest.raises(ValueError, match=r"model.dropout_rate must be a number >= 0.0 and < 1.0, got 1.0"):
+        to_object(compose(["model.dropout_rate=1.0"]))
+    with pytest.raises(ValueError, match=r"optim.betas must be a pair of numbers in \[0, 1\)"):
+        to_object(compose(["optim.betas=[0.9,1.0]"]))
+    with pytest.raises(ValueError, match=r"GinsengTrainerSettings.upper must be > lower"):
+        GinsengTrainerSettings(lower=5, upper=5)

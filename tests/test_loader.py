@@ -288,3 +288,74 @@ def test_epoch_plans_batches_as_it_reads_not_all_upfront(ds, monkeypatch):
     assert sorted(calls) == list(range(ld.num_batches))  # each batch planned exactly once
     for b in rest[:5]:
         np.testing.assert_array_equal(b.x[b.mask], ds._X_dense[b.index[b.mask]])
+
+
+# ------------------------------------------------------------------------------------------
+# the epoch plan alone (ginseng.data.sampler): pure numpy, no store
+# ------------------------------------------------------------------------------------------
+
+
+def _plan_inputs(n=1000, n_labels=3, chunk_rows=16, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = rng.choice(n_labels, n, p=[0.7, 0.2, 0.1]).astype(np.int32)
+    rank = rng.permutation(n).astype(np.int64)  # stored row of each original cell
+    cells = np.sort(rng.choice(n, 800, replace=False)).astype(np.int64)
+    return cells, labels, n_labels, rank, chunk_rows
+
+
+def test_plan_is_a_permutation_of_the_split_and_depends_only_on_seed_and_epoch():
+    from ginseng.data import sampler
+
+    cells, labels, k, rank, chunk = _plan_inputs()
+    plan = sampler.epoch_plan(cells, labels, k, rank, chunk, seed=3, epoch=1, shuffle=True, balance=False)
+    assert np.array_equal(np.sort(plan), cells)
+    again = sampler.epoch_plan(cells, labels, k, rank, chunk, seed=3, epoch=1, shuffle=True, balance=False)
+    assert np.array_equal(plan, again)
+    other = sampler.epoch_plan(cells, labels, k, rank, chunk, seed=3, epoch=2, shuffle=True, balance=False)
+    assert not np.array_equal(plan, other)
+    ordered = sampler.epoch_plan(cells, labels, k, rank, chunk, seed=3, epoch=1, shuffle=False, balance=False)
+    assert np.all(np.diff(rank[ordered]) > 0)  # storage order
+
+
+def test_plan_windows_are_whole_chunks():
+    # Shuffled rows of one window come from a set of whole chunks: with windows of 4 chunks, the
+    # first 4 * chunk_rows planned cells (all cells of the split) touch at most 4 chunks.
+    from ginseng.data import sampler
+
+    n, chunk = 4096, 64
+    rank = np.random.default_rng(1).permutation(n).astype(np.int64)
+    cells = np.arange(n, dtype=np.int64)
+    labels = np.zeros(n, np.int32)
+    old = sampler._WINDOW_ROWS
+    try:
+        sampler._WINDOW_ROWS = 4 * chunk
+        plan = sampler.epoch_plan(cells, labels, 1, rank, chunk, seed=0, epoch=0, shuffle=True, balance=False)
+    finally:
+        sampler._WINDOW_ROWS = old
+    for w in range(0, n, 4 * chunk):
+        assert len(np.unique(rank[plan[w : w + 4 * chunk]] // chunk)) == 4
+
+
+def test_balanced_plan_gives_every_label_the_largest_count_and_keeps_every_cell():
+    from ginseng.data import sampler
+
+    cells, labels, k, rank, chunk = _plan_inputs()
+    plan = sampler.epoch_plan(cells, labels, k, rank, chunk, seed=0, epoch=0, shuffle=True, balance=True)
+    counts = np.bincount(labels[cells], minlength=k)
+    assert len(plan) == sampler.epoch_size(cells, labels, k, True) == counts.max() * k
+    assert np.all(np.bincount(labels[plan], minlength=k) == counts.max())
+    assert set(cells) <= set(plan)
+
+
+def test_process_slices_of_a_plan_cover_each_batch_once():
+    from ginseng.data import sampler
+
+    plan = np.arange(100, 137, dtype=np.int64)  # 37 cells, batch 10 -> 4 batches, the last partial
+    for b in range(4):
+        parts = [sampler.batch_layout(plan, b, 10, 6, p) for p in range(2)]  # global batch 12
+        index = np.concatenate([ix for ix, _, _ in parts])
+        mask = np.concatenate([m for _, _, m in parts])
+        slots = np.concatenate([s for _, s, _ in parts])
+        assert np.array_equal(slots, np.arange(12))
+        assert np.array_equal(index[mask], plan[b * 10 : b * 10 + 10])
+        assert np.all(index[~mask] == -1)
