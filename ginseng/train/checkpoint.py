@@ -301,7 +301,7 @@ def set_aside(damaged: list[tuple[Path, str]], used: Path, *, main: bool) -> Non
             warnings.warn(
                 f"{why}; resuming from the checkpoint before it, {str(used)!r}, instead "
                 f"(the damaged file is kept as {str(target)!r})",
-                stacklevel=3,
+                stacklevel=5,  # set_aside < restore < _start < GinsengTrainer < the caller
             )
 
 

@@ -82,7 +82,7 @@ def build_init(settings: GinsengTrainerSettings, mesh: Mesh, n_genes: int, n_cla
             "with Adam's moments and the gradients, and the same again per checkpoint. Selecting "
             "highly variable genes (a few thousand) is the usual choice"
         )
-        warnings.warn(msg, UserWarning, stacklevel=3)
+        warnings.warn(msg, UserWarning, stacklevel=4)  # build_init < _start < GinsengTrainer < the caller
     return _cached_init(settings.hidden_dim, mesh, int(n_genes), int(n_classes))
 
 
