@@ -51,7 +51,6 @@ def _place_dense(gmap: GeneMap, block: np.ndarray, out: np.ndarray, n: int) -> N
 class AnnDataSource:
     """An AnnData (in memory, backed, or read from a path by annotate: ``opened``)."""
 
-    kind = "adata"
     stored_order = None
 
     def __init__(self, adata, kind: str = "adata"):

@@ -250,7 +250,7 @@ def _evaluate(run: _Run, params) -> tuple[float, float]:
 
 
 def _end_epoch(run: _Run, state: TrainState, logger: GinsengLogger, epoch: int) -> TrainState:
-    """Log the epoch, then (with checkpoints) reset its metrics and checkpoint at (epoch + 1, 0).
+    """Log the epoch, reset the metrics, then (with checkpoints) checkpoint at (epoch + 1, 0).
 
     Position (epoch + 1, step 0) rather than a mid-epoch step == num_batches: the latter would
     resume into this epoch's holdout evaluation and log line again.
@@ -262,9 +262,9 @@ def _end_epoch(run: _Run, state: TrainState, logger: GinsengLogger, epoch: int) 
     holdout_loss, holdout_acc = _evaluate(run, state.params)
     logger.update(epoch, train_loss, holdout_loss, holdout_acc)
     logger.report(silent=not run.verbose)
+    state = state._replace(metrics=replicate(np.zeros(2, np.float32), run.mesh))  # the next epoch's
     if run.checkpointer is None:
         return state
-    state = state._replace(metrics=replicate(np.zeros(2, np.float32), run.mesh))
     if stop_now and epoch + 1 < run.epochs:
         _preempt(run, state, logger, epoch + 1, 0)
     run.checkpointer.save(state, logger, epoch + 1, 0)
@@ -351,8 +351,6 @@ def GinsengTrainer(
         logger = GinsengLogger(holdout_cells=len(run.dataset.holdout_indices))
         state, start_epoch, start_batch = _start(run, logger, resume)
         for epoch in range(start_epoch, epochs):
-            if epoch != start_epoch:
-                state = state._replace(metrics=replicate(np.zeros(2, np.float32), run.mesh))
             state = _train_epoch(run, state, logger, epoch, start_batch if epoch == start_epoch else 0)
             state = _end_epoch(run, state, logger, epoch)
     return logger, _model_state(run, state.params)
