@@ -340,7 +340,23 @@ class AnnotateConfig:
     seed: int = 123
     """Seed of Monte Carlo dropout."""
 
+    min_confidence: Any = "auto"
+    """Cells whose confidence is below this get the label ``Unassigned``: a number in [0, 1],
+    ``auto`` (the threshold that leaves at most 1 % of the model's own holdout cells Unassigned,
+    saved in the model by the trainer) or null (every cell gets a model label). A model file
+    without saved confidences (ginseng < 0.2) annotates with a warning and no threshold."""
+
+    over_clustering: str | None = None
+    """Column of the input's ``obs`` with cluster labels: adds a ``majority_voting`` column,
+    each cluster's most frequent label (Unassigned included)."""
+
     def __post_init__(self) -> None:
+        mc = self.min_confidence
+        if mc is not None and mc != "auto" and (
+            isinstance(mc, bool) or not isinstance(mc, (int, float)) or not 0.0 <= float(mc) <= 1.0
+        ):
+            msg = f"annotate.min_confidence must be a number in [0, 1], auto or null, got {mc!r}"
+            raise ValueError(msg)
         _check_min("annotate.batch_size", self.batch_size, 1)
         _check_min("annotate.n_samples", self.n_samples, 1)
         if self.min_gene_overlap is not None:

@@ -11,7 +11,11 @@ from dataclasses import dataclass
 import numpy as np
 from jaxtyping import PyTree
 
-__all__ = ["GinsengModelState"]
+__all__ = ["CONFIDENCE_BINS", "GinsengModelState"]
+
+# Bins of the reference confidence histogram (``GinsengModelState.confidence_counts``): 1/4096
+# resolution in [0, 1], exact integer counts, summed over devices and processes.
+CONFIDENCE_BINS = 4096
 
 
 def _leaves(tree):
@@ -47,6 +51,11 @@ class GinsengModelState:
         Dropout probability applied during training (and by annotate's Monte Carlo dropout).
     training : bool
         If True, model weighted should not be frozen.
+    confidence_counts : np.ndarray | None
+        What the model saw in training, for ``annotate(min_confidence="auto")``: how many of its
+        holdout cells (its training cells when it had no holdout) had their top probability in
+        each of ``CONFIDENCE_BINS`` equal bins of [0, 1]. None for a state built by hand or a
+        model file written before ginseng 0.2.
     """
 
     params: PyTree
@@ -57,6 +66,7 @@ class GinsengModelState:
     target_sum: float | None = None
     dropout_rate: float = 0.1
     training: bool = False
+    confidence_counts: np.ndarray | None = None
 
     def __repr__(self) -> str:
         # The default dataclass repr printed every parameter array and gene name.

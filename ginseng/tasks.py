@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import io
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -697,6 +698,18 @@ def run_train(conf: GinsengConfig, workdir: str | os.PathLike) -> TrainResult:
 # annotate
 
 
+def _has_confidence_reference(model: Path) -> bool:
+    """Whether a model file holds the trainer's holdout confidences (``min_confidence="auto"``);
+    a file that is not a readable model answers True, so that annotate names its problem."""
+    import h5py
+
+    try:
+        with h5py.File(model, "r") as f:
+            return "confidence_counts" in f or f.attrs.get("format") is None
+    except OSError:
+        return True
+
+
 def run_annotate(conf: GinsengConfig, workdir: str | os.PathLike) -> Path:
     """Annotate ``annotate.input`` with ``annotate.model`` into a table file.
 
@@ -730,6 +743,16 @@ def run_annotate(conf: GinsengConfig, workdir: str | os.PathLike) -> Path:
     output = _resolve(a.output, workdir) if a.output is not None else workdir / "annotations.csv"
     if _is_main():
         check_writable_target(output, overwrite=a.overwrite, what="annotate.output")
+    min_confidence = a.min_confidence
+    if min_confidence == "auto" and not _has_confidence_reference(Path(a.model).expanduser()):
+        if _is_main():
+            warnings.warn(
+                f"annotate.min_confidence=auto: the model {a.model!r} has no saved holdout "
+                "confidences (trained before ginseng 0.2), so no cell is left Unassigned; "
+                "retrain it, or pass annotate.min_confidence=<number in [0, 1]>",
+                UserWarning, stacklevel=2,
+            )
+        min_confidence = None
     _call_supported(
         annotate,
         str(Path(a.model).expanduser()),
@@ -747,6 +770,8 @@ def run_annotate(conf: GinsengConfig, workdir: str | os.PathLike) -> Path:
         n_samples=a.n_samples,
         min_gene_overlap=a.min_gene_overlap,
         truth_key=a.truth_key,
+        min_confidence=min_confidence,
+        over_clustering=a.over_clustering,
         silent=conf.silent,
     )
     _say(conf, f"Wrote {output}")

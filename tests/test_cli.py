@@ -5,11 +5,13 @@ on a tiny synthetic dataset; one test launches ``python -m ginseng.launch`` as a
 another working directory with a ``--multirun`` sweep.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 
+import anndata
 import numpy as np
 import pandas as pd
 import pytest
@@ -155,11 +157,46 @@ def test_annotate_task_writes_table(trained, tiny_h5ad, tmp_path):
     table = pd.read_csv(out)
     assert len(table) == N_CELLS
     assert {"barcode", "cell_type", "confidence"} <= set(table.columns)
-    assert set(table["cell_type"]) <= {f"type_{k}" for k in range(4)}
+    assert set(table["cell_type"]) <= {f"type_{k}" for k in range(4)} | {"Unassigned"}
     assert ((table["confidence"] > 0) & (table["confidence"] <= 1)).all()
     # An existing output is refused without annotate.overwrite.
     with pytest.raises(FileExistsError, match="cells.csv"):
         tasks.run(cfg, tmp_path)
+
+
+def test_annotate_task_min_confidence_and_over_clustering(trained, tiny_h5ad, tmp_path):
+    from ginseng.annotate.reject import auto_threshold
+    from ginseng.io import save_ginseng_state
+
+    workdir, _, _ = trained
+    model = workdir / "model.h5"
+    state = load_ginseng_state(model)
+    base = ["task=annotate", f"annotate.model={model}", f"annotate.input={tiny_h5ad}", "silent=true"]
+
+    def table(name, *extra):
+        tasks.run(compose([*base, f"annotate.output={tmp_path / name}", *extra]), tmp_path)
+        return pd.read_csv(tmp_path / name)
+
+    auto = table("auto.csv")  # the default: the threshold saved in the model
+    none = table("none.csv", "annotate.min_confidence=null")
+    assert "Unassigned" not in set(none.cell_type)
+    low = none.confidence.to_numpy() < auto_threshold(state.confidence_counts)
+    assert ((auto.cell_type == "Unassigned").to_numpy() == low).all()
+    fixed = table("fixed.csv", "annotate.min_confidence=0.9")
+    assert ((fixed.cell_type == "Unassigned").to_numpy() == (none.confidence.to_numpy() < 0.9)).all()
+    voted = table("voted.csv", "annotate.over_clustering=donor")
+    donors = anndata.read_h5ad(tiny_h5ad).obs["donor"].to_numpy()
+    for d in np.unique(donors):
+        assert voted.majority_voting[donors == d].nunique() == 1
+    with pytest.raises(ValueError, match="annotate.min_confidence must be a number in"):
+        to_object(compose([*base, "annotate.min_confidence=high"]))
+    # a model saved without the trainer's confidences: a warning, and no cell left Unassigned
+    old = dataclasses.replace(state, confidence_counts=None)
+    save_ginseng_state(old, tmp_path / "old.h5")
+    with pytest.warns(UserWarning, match="no saved holdout confidences"):
+        tasks.run(compose([*base[:1], f"annotate.model={tmp_path / 'old.h5'}", *base[2:],
+                           f"annotate.output={tmp_path / 'old.csv'}"]), tmp_path)
+    assert "Unassigned" not in set(pd.read_csv(tmp_path / "old.csv").cell_type)
 
 
 def test_annotate_task_needs_model_and_input(tmp_path):

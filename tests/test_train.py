@@ -342,8 +342,10 @@ def test_trainer_learns_and_other_seed_differs():
 def test_trainer_without_holdout_logs_nan_and_warns():
     ds = MemoryDataset(holdout=False)
     with pytest.warns(UserWarning, match="no holdout cells"):
-        log, _ = GinsengTrainer(ds, RUN, epochs=1, silent=True)
+        log, st = GinsengTrainer(ds, RUN, epochs=1, silent=True)
     assert np.isnan(log.holdout_loss[0]) and np.isnan(log.holdout_accuracy[0])
+    # min_confidence="auto" then reads the training cells' confidences
+    assert int(st.confidence_counts.sum()) == len(ds.train_indices) == 90
     assert np.isfinite(log.train_loss[0])
 
 

@@ -23,6 +23,13 @@ from ginseng._core.mesh import replicate
 from ginseng._core.progress import bar_disabled
 from ginseng.annotate.forward import BatchStream, build_forward
 from ginseng.annotate.genes import input_gene_names, map_genes
+from ginseng.annotate.reject import (
+    UNASSIGNED,
+    check_unassigned,
+    majority_vote,
+    reject,
+    resolve_threshold,
+)
 from ginseng.annotate.sinks import (
     Collected,
     Confusion,
@@ -236,6 +243,17 @@ class _Options:
     cells: object
     devices: object
     silent: bool
+    min_confidence: float | None = None  # resolved: cells below it are Unassigned
+    over_clustering: object = None
+    unassigned: str = UNASSIGNED
+
+    def labels_out(self, state: GinsengModelState) -> list:
+        """What a prediction code names: the model's labels, then Unassigned when cells may be
+        rejected (its code is the number of model labels)."""
+        labels = list(np.asarray(state.label_values))
+        if self.min_confidence is not None:
+            labels.append(self.unassigned)
+        return labels
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,16 +262,19 @@ class _Options:
 
 
 def _prepare_source(source, state: GinsengModelState, o: _Options):
-    """Check the source against the options; its gene map; the truth sink (or None)."""
+    """Check the source against the options; its gene map; the truth sink (or None); the
+    cluster code of every cell (None without over_clustering)."""
     source.check_layer(o.layer)
     gmap = source.map_genes(np.asarray(state.genes).astype(str), o.gene_key, o.min_gene_overlap)
     source.select(o.cells)
     confusion = None
     if o.truth_key is not None:
         codes, truth_labels = source.truth(o.truth_key)
-        confusion = Confusion(codes, truth_labels, [str(v) for v in np.asarray(state.label_values)])
+        confusion = Confusion(codes, truth_labels, [str(v) for v in o.labels_out(state)],
+                              [str(v) for v in np.asarray(state.label_values)])
+    clusters = None if o.over_clustering is None else source.clusters(o.over_clustering)
     source.open_reader(gmap, o.layer)
-    return gmap, confusion
+    return gmap, confusion, clusters
 
 
 def _forward(stream: BatchStream, state: GinsengModelState, o: _Options):
@@ -274,13 +295,17 @@ def _forward(stream: BatchStream, state: GinsengModelState, o: _Options):
 # --------------------------------------------------------------------------------------------
 
 
-def _stream(source, state, o: _Options, targets: _Targets, confusion, stream: BatchStream, fwd_parts):
+def _stream(source, state, o: _Options, targets: _Targets, sinks: tuple, stream: BatchStream, fwd_parts):
     """Run every batch; the collected results (None when everything went to files)."""
     fwd, data_sh, params, seed = fwd_parts
+    confusion, clusters = sinks
     label_values, n_cells = np.asarray(state.label_values), source.n_cells
+    labels_out = [str(v) for v in o.labels_out(state)]
     in_memory = targets.output is None
     collected = None
-    if in_memory or source.stored_order is not None:  # per-cell results kept in memory
+    # Per-cell results kept in memory: to return them, to write a table read in storage order
+    # in original order, or to vote once every cell is predicted.
+    if in_memory or source.stored_order is not None or clusters is not None:
         collected = Collected(
             n_cells, o.n_samples,
             probs_shape=(n_cells, len(label_values)) if in_memory and o.return_probs else None,
@@ -291,9 +316,11 @@ def _stream(source, state, o: _Options, targets: _Targets, confusion, stream: Ba
         if targets.output is not None and stream.is_writer:
             files = FileOutput(
                 stack, targets.output, targets.store, overwrite=o.overwrite, n_cells=n_cells,
-                chunk_rows=stream.global_batch, label_str=[str(v) for v in label_values],
+                chunk_rows=stream.global_batch, label_str=labels_out,
+                model_labels=[str(v) for v in label_values],
                 model_genes=np.asarray(state.genes).astype(str), n_samples=o.n_samples,
                 want_probs=bool(o.return_probs), want_attn=bool(o.return_attn),
+                with_vote=clusters is not None,
             )
         bar = tqdm(total=n_cells, unit="cells", desc="annotate",
                    disable=bar_disabled(o.silent or not stream.is_writer, n_cells))
@@ -301,16 +328,21 @@ def _stream(source, state, o: _Options, targets: _Targets, confusion, stream: Ba
 
         def consume(a: int, b: int, out: dict) -> None:
             rows = slice(a, b) if source.stored_order is None else source.stored_order[a:b]
+            reject(out, o.min_confidence, len(label_values))
             if confusion is not None:
                 confusion.add(rows, out["pred"])
             if collected is not None:
                 collected.put(rows, out)
+                if files is not None:  # the stores stream; the table is written at the end
+                    files.append_arrays(a, b, out)
             elif files is not None:
                 files.append(source.barcodes(a, b), a, b, out)
             bar.update(b - a)
 
         stream.run(source, fwd, data_sh, params, seed, consume)
-        if files is not None and collected is not None:  # results gathered in storage order
+        if clusters is not None:
+            collected.res["vote"] = majority_vote(collected.res["pred"], clusters, len(labels_out))
+        if files is not None and collected is not None:  # the table, from the collected columns
             files.append_collected(source, collected.res, stream.global_batch)
         if confusion is not None and stream.is_writer:
             confusion.finish(targets.reports, o.overwrite, o.silent)
@@ -322,19 +354,24 @@ def _stream(source, state, o: _Options, targets: _Targets, confusion, stream: Ba
 # --------------------------------------------------------------------------------------------
 
 
-def _obs_columns(source, res: dict, label_values, n_samples: int, cells) -> dict:
-    cell_type = pd.Categorical.from_codes(res["pred"], categories=pd.Index(label_values))
-    obs_cols = {"ginseng_cell_type": cell_type, "ginseng_confidence": res["conf"]}
+def _obs_columns(source, res: dict, labels_out: list, n_samples: int, cells) -> dict:
+    categories = pd.Index(labels_out)
+    obs_cols = {"ginseng_cell_type": pd.Categorical.from_codes(res["pred"], categories=categories),
+                "ginseng_confidence": res["conf"]}
     if n_samples > 1:
         obs_cols["ginseng_entropy"] = res["entropy"]
+    if "vote" in res:
+        obs_cols["ginseng_majority_voting"] = pd.Categorical.from_codes(res["vote"], categories=categories)
     if cells is None:
         return obs_cols
     # obs gets a value per row: missing for the rows not annotated
-    codes = np.full(source.n_obs, -1, np.int32)
-    codes[cells] = res["pred"]
-    full = {"ginseng_cell_type": pd.Categorical.from_codes(codes, categories=pd.Index(label_values))}
+    full = {}
     for k, v in obs_cols.items():
-        if k != "ginseng_cell_type":
+        if isinstance(v, pd.Categorical):
+            codes = np.full(source.n_obs, -1, np.int32)
+            codes[cells] = v.codes
+            full[k] = pd.Categorical.from_codes(codes, categories=categories)
+        else:
             full[k] = np.full(source.n_obs, np.nan, np.float32)
             full[k][cells] = v
     return full
@@ -343,13 +380,14 @@ def _obs_columns(source, res: dict, label_values, n_samples: int, cells) -> dict
 def _results(source, res: dict, state: GinsengModelState, o: _Options):
     """The requested items, in the documented order (see ``annotate``'s Returns)."""
     label_values = np.asarray(state.label_values)
-    cell_type = pd.Categorical.from_codes(res["pred"], categories=pd.Index(label_values))
+    labels_out = o.labels_out(state)
+    cell_type = pd.Categorical.from_codes(res["pred"], categories=pd.Index(labels_out))
     barcodes = source.barcodes(0, source.n_cells)
     if source.kind == "h5ad":
         source.close()
     results: list = []
     if source.kind in ("adata", "backed", "path"):
-        obs_cols = _obs_columns(source, res, label_values, o.n_samples, source.cells)
+        obs_cols = _obs_columns(source, res, labels_out, o.n_samples, source.cells)
         target = source.adata
         if o.copy and source.kind != "path":  # an AnnData read from a path is already ours to return
             target = target.copy() if source.kind == "adata" else target
@@ -363,6 +401,8 @@ def _results(source, res: dict, state: GinsengModelState, o: _Options):
         table = pd.DataFrame({"barcode": barcodes, "cell_type": cell_type, "confidence": res["conf"]})
         if o.n_samples > 1:
             table["entropy"] = res["entropy"]
+        if "vote" in res:
+            table["majority_voting"] = pd.Categorical.from_codes(res["vote"], categories=pd.Index(labels_out))
         results.append(table)
     index = pd.Index(barcodes, name="barcode")
     if o.return_probs:
@@ -376,7 +416,7 @@ def _results(source, res: dict, state: GinsengModelState, o: _Options):
 
 
 def _annotate(state: GinsengModelState, source, o: _Options, targets: _Targets):
-    gmap, confusion = _prepare_source(source, state, o)
+    gmap, confusion, clusters = _prepare_source(source, state, o)
     stream = BatchStream(o.devices, o.batch_size, source.n_cells, gmap.n_model)
     fwd, data_sh, params, seed, norm = _forward(stream, state, o)
     # A GinsengDataset is read in storage order and every result put at its original index;
@@ -387,7 +427,7 @@ def _annotate(state: GinsengModelState, source, o: _Options, targets: _Targets):
         source.in_storage_order()
     if norm and source.kind != "dataset" and source.n_cells:
         _warn_if_not_counts(source.read(0, min(source.n_cells, 256)), o.layer)
-    res = _stream(source, state, o, targets, confusion, stream, (fwd, data_sh, params, seed))
+    res = _stream(source, state, o, targets, (confusion, clusters), stream, (fwd, data_sh, params, seed))
     if targets.output is not None:
         if source.kind == "h5ad":
             source.close()
@@ -425,6 +465,9 @@ def annotate(
     cells=None,
     devices=None,
     silent: bool = False,
+    min_confidence: float | str | None = None,
+    over_clustering=None,
+    unassigned_label: str = UNASSIGNED,
 ):
     """Annotate single-cell sequencing data using a trained ginseng model.
 
@@ -514,6 +557,25 @@ def annotate(
         results.
     silent : bool
         Disable the progress bar and the printed report.
+    min_confidence : float | "auto" | None
+        Cells whose confidence (top probability; with ``n_samples > 1`` the top averaged
+        probability) is below this get the label ``unassigned_label`` instead of a model label
+        (CellTypist's ``p_thres``). ``"auto"`` reads the threshold from the model: the largest one
+        that leaves at most 1 % of the model's own holdout cells (its training cells when it had
+        none) Unassigned, from the confidences the trainer saved in the model; it never looks
+        at the query. None (default) assigns every cell a model label. The confidence itself,
+        probabilities and attention are unchanged. The truth report counts Unassigned cells on
+        their own row (they lower the recall of their true label).
+    over_clustering : str | array-like | None
+        An obs column of cluster labels (or one label per input row; for a GinsengDataset one
+        per cell): every cell also gets its cluster's most frequent predicted label, Unassigned
+        included, in ``obs["ginseng_majority_voting"]`` and a ``majority_voting`` table column
+        (a tie goes to the label listed first in the model; cells with a missing cluster keep
+        their own). The per-cell labels are kept. With ``output`` the per-cell columns are
+        held in memory (12 bytes a cell) and the table written once all cells are predicted.
+    unassigned_label : str
+        The label of rejected cells (default ``"Unassigned"``); refused (ValueError) when the
+        model has a label of that name, since the two could not be told apart.
 
     Returns
     -------
@@ -551,8 +613,12 @@ def annotate(
         devices=devices, silent=silent,
     )
     state = _load_model(model_state)
+    options.min_confidence = resolve_threshold(min_confidence, state)
+    options.over_clustering = over_clustering
+    options.unassigned = check_unassigned(unassigned_label, state.label_values)
     source = open_source(
         adata, backed, light=truth_key is None and not copy and layer is None and cells is None
+        and over_clustering is None,
     )
     try:
         return _annotate(state, source, options, targets)

@@ -40,9 +40,10 @@ def output_format(output: Path) -> str:
 
 
 class TableWriter:
-    """Append (barcode, cell_type, confidence[, entropy]) rows to a parquet or CSV file."""
+    """Append (barcode, cell_type, confidence[, entropy][, majority_voting]) rows to a parquet or
+    CSV file."""
 
-    def __init__(self, path: Path, fmt: str, with_entropy: bool):
+    def __init__(self, path: Path, fmt: str, with_entropy: bool, with_vote: bool = False):
         self.path, self.fmt, self.with_entropy = path, fmt, with_entropy
         self.buf: list[pd.DataFrame] = []
         self.n_buf = 0
@@ -55,12 +56,15 @@ class TableWriter:
             fields = [("barcode", pa.string()), ("cell_type", pa.string()), ("confidence", pa.float32())]
             if with_entropy:
                 fields.append(("entropy", pa.float32()))
+            if with_vote:
+                fields.append(("majority_voting", pa.string()))
             self._schema = pa.schema(fields)
             self._pa = pa
             self._pq_writer = pq.ParquetWriter(str(path), self._schema)
         else:
             self._fh = open(path, "w", newline="")  # noqa: SIM115 - closed in close()
-            cols = ["barcode", "cell_type", "confidence"] + (["entropy"] if with_entropy else [])
+            cols = (["barcode", "cell_type", "confidence"] + (["entropy"] if with_entropy else [])
+                    + (["majority_voting"] if with_vote else []))
             self._fh.write(",".join(cols) + "\n")
 
     def append(self, df: pd.DataFrame) -> None:
@@ -176,12 +180,14 @@ class FileOutput:
     """The table file and the probs/attn store of ``annotate(output=...)`` (process 0 only)."""
 
     def __init__(self, stack: contextlib.ExitStack, out_path: Path, zarr_path: Path | None, *, overwrite: bool,
-                 n_cells: int, chunk_rows: int, label_str: list[str], model_genes, n_samples: int,
-                 want_probs: bool, want_attn: bool):
-        self.label_str = np.asarray(label_str, dtype=object)
-        self.with_entropy = n_samples > 1
+                 n_cells: int, chunk_rows: int, label_str: list[str], model_labels: list[str],
+                 model_genes, n_samples: int,
+                 want_probs: bool, want_attn: bool, with_vote: bool = False):
+        self.label_str = np.asarray(label_str, dtype=object)  # the model's labels (+ Unassigned)
+        self.with_entropy, self.with_vote = n_samples > 1, with_vote
         tmp_table = stack.enter_context(atomic_path(out_path, overwrite=overwrite, what="output"))
-        self.table = TableWriter(tmp_table, output_format(out_path), with_entropy=self.with_entropy)
+        self.table = TableWriter(tmp_table, output_format(out_path), with_entropy=self.with_entropy,
+                                 with_vote=with_vote)
         stack.callback(self.table.close)  # runs before the rename (LIFO)
         self.arrays: dict = {}
         if zarr_path is not None:
@@ -189,7 +195,7 @@ class FileOutput:
                 zarr_path, overwrite=overwrite, what="output store", kind="dir",
                 replaceable=is_annotation_store,
             ))
-            self.arrays = open_zarr_arrays(tmp_zarr, n_cells, chunk_rows, label_str, model_genes,
+            self.arrays = open_zarr_arrays(tmp_zarr, n_cells, chunk_rows, model_labels, model_genes,
                                            want_probs, want_attn)
 
     def append(self, barcodes: np.ndarray, a: int, b: int, out: dict) -> None:
@@ -201,9 +207,16 @@ class FileOutput:
         }
         if self.with_entropy:
             cols["entropy"] = out["entropy"].astype(np.float32)
+        if self.with_vote:
+            cols["majority_voting"] = self.label_str[out["vote"]]
         self.table.append(pd.DataFrame(cols))
+        self.append_arrays(a, b, out)
+
+    def append_arrays(self, a: int, b: int, out: dict) -> None:
+        """Rows [a, b) of the probs / attn stores (those ``out`` has)."""
         for k, arr in self.arrays.items():
-            arr[a:b] = out[k]
+            if k in out:
+                arr[a:b] = out[k]
 
     def append_collected(self, source, res: dict, block: int) -> None:
         """The whole table from results collected in memory, ``block`` rows at a time."""
@@ -216,15 +229,19 @@ class FileOutput:
 class Confusion:
     """Counts of (true label, predicted label), reported and written at the end."""
 
-    def __init__(self, truth_codes: np.ndarray, truth_labels: list[str], label_str: list[str]):
+    def __init__(self, truth_codes: np.ndarray, truth_labels: list[str], label_str: list[str],
+                 model_labels: list[str] | None = None):
+        """``label_str``: what a prediction code names (the model's labels, then Unassigned when
+        cells may be rejected); ``model_labels``: the labels the model can predict."""
         self.truth_codes, self.truth_labels, self.label_str = truth_codes, truth_labels, label_str
+        self.model_labels = label_str if model_labels is None else model_labels
         self.counts = np.zeros((len(truth_labels), len(label_str)), np.int64)
 
     def add(self, rows, pred: np.ndarray) -> None:
         np.add.at(self.counts, (self.truth_codes[rows], pred), 1)
 
     def finish(self, report_paths, overwrite: bool, silent: bool) -> None:
-        report = from_confusion(self.counts, self.truth_labels, self.label_str, self.label_str)
+        report = from_confusion(self.counts, self.truth_labels, self.label_str, self.model_labels)
         if not silent:
             with pd.option_context("display.max_rows", None, "display.width", 120):
                 print(report.table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))

@@ -167,6 +167,30 @@ class AnnDataSource:
         cat = pd.Categorical(truth.astype(str))
         return cat.codes.astype(np.int64), [str(c) for c in cat.categories]
 
+    def clusters(self, over_clustering) -> np.ndarray:
+        """The cluster code of every annotated cell (-1: missing) from an obs column, or from an
+        array of one cluster label per row of the input."""
+        if isinstance(over_clustering, str):
+            obs = self.adata.obs
+            if over_clustering not in obs.columns:
+                msg = (
+                    f"over_clustering {over_clustering!r} is not a column of adata.obs; "
+                    f"available columns: {list(map(str, obs.columns))}"
+                )
+                raise ValueError(msg)
+            values = np.asarray(obs[over_clustering])
+        else:
+            values = np.asarray(over_clustering)
+            if values.ndim != 1 or len(values) != self.n_obs:
+                msg = (
+                    f"over_clustering must be an obs column name or one cluster label per cell "
+                    f"({self.n_obs} values), got an array of shape {values.shape}"
+                )
+                raise ValueError(msg)
+        if self.cells is not None:
+            values = values[self.cells]
+        return pd.Categorical(values).codes.astype(np.int64)
+
     def close(self) -> None:
         """Close a file that annotate opened itself (never an AnnData the caller passed)."""
         if self.kind == "path" and getattr(self.adata, "isbacked", False):
@@ -296,6 +320,20 @@ class DatasetSource:
             msg = f"for a GinsengDataset truth_key must be 'labels' (its label column), got {truth_key!r}"
             raise ValueError(msg)
         return np.asarray(self.dataset.labels), [str(v) for v in self.dataset.label_values]
+
+    def clusters(self, over_clustering) -> np.ndarray:
+        if isinstance(over_clustering, str):
+            msg = (
+                f"over_clustering={over_clustering!r} names an obs column, and a GinsengDataset "
+                "has no obs: pass one cluster label per cell (an array) instead"
+            )
+            raise ValueError(msg)  # noqa: TRY004 - a bad value, as for an AnnData
+        values = np.asarray(over_clustering)
+        if values.ndim != 1 or len(values) != self.n_cells:
+            msg = (f"over_clustering must hold one cluster label per cell ({self.n_cells} values), "
+                   f"got an array of shape {values.shape}")
+            raise ValueError(msg)
+        return pd.Categorical(values).codes.astype(np.int64)
 
     def close(self) -> None:
         """The caller's dataset stays open."""

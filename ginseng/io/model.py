@@ -21,7 +21,7 @@ import numpy as np
 
 from ginseng._core.files import atomic_path
 from ginseng._core.h5tree import DamagedError, read_tree, write_tree
-from ginseng.state import GinsengModelState
+from ginseng.state import CONFIDENCE_BINS, GinsengModelState
 
 __all__ = ["MODEL_FORMAT", "MODEL_FORMAT_VERSION", "load_ginseng_state", "save_ginseng_state"]
 
@@ -123,6 +123,14 @@ def save_ginseng_state(
     genes = _labels_for_hdf5("genes", state.genes)
     label_keys = _labels_for_hdf5("label_keys", state.label_keys)
     label_values = _labels_for_hdf5("label_values", state.label_values)
+    counts = None
+    if state.confidence_counts is not None:
+        counts = np.asarray(state.confidence_counts)
+        if counts.shape != (CONFIDENCE_BINS,) or counts.dtype.kind not in "iu" or (counts < 0).any():
+            msg = (f"confidence_counts must be {CONFIDENCE_BINS} integer counts >= 0, got an array "
+                   f"of shape {counts.shape} and dtype {counts.dtype}")
+            raise ValueError(msg)
+        counts = counts.astype(np.int64)
     # The HDF5 file is closed (inner context) before atomic_path renames it into place.
     with (
         atomic_path(filename, overwrite=overwrite, what="model file") as tmp,
@@ -142,6 +150,8 @@ def save_ginseng_state(
         _write_array(f, "genes", genes)
         _write_array(f, "label_keys", label_keys)
         _write_array(f, "label_values", label_values)
+        if counts is not None:
+            f.create_dataset("confidence_counts", data=counts)
         # Digest of what was written, read back the way load_ginseng_state reads it.
         f.attrs["sha256"] = _file_digest(f)
 
@@ -158,6 +168,8 @@ def _file_digest(f: h5py.File, params: dict | None = None) -> str:
     if params is None:
         params = read_tree(f["params"], "params")
     labels = {k: _read_labels(f[k]) for k in ("genes", "label_keys", "label_values")}
+    if "confidence_counts" in f:  # optional: absent from older files, whose digest stays theirs
+        labels["confidence_counts"] = np.asarray(f["confidence_counts"][()])
     scalars = {}
     for a in _DIGEST_ATTRS:
         v = f.attrs[a]
@@ -281,6 +293,8 @@ def load_ginseng_state(filename: str | os.PathLike) -> GinsengModelState:
                 target_sum=None if isinstance(target_sum, h5py.Empty) else float(target_sum),
                 dropout_rate=float(f.attrs["dropout_rate"]),
                 training=bool(f.attrs["training"]),
+                confidence_counts=(np.asarray(f["confidence_counts"][()], np.int64)
+                                   if "confidence_counts" in f else None),
             )
     except (OSError, KeyError, RuntimeError, DamagedError) as err:
         msg = f"model file {str(path)!r} could not be read; it is truncated or corrupted: {err}"

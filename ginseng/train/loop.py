@@ -21,12 +21,12 @@ from tqdm.auto import tqdm
 
 from ginseng._core.mesh import Layout, global_arrays, layout, make_mesh, replicate, to_host
 from ginseng._core.progress import bar_disabled
-from ginseng.state import GinsengModelState
+from ginseng.state import CONFIDENCE_BINS, GinsengModelState
 from ginseng.train import checkpoint as ckpt
 from ginseng.train.logger import GinsengLogger
 from ginseng.train.preempt import StopSignal, StopWatch, exit_preempted
 from ginseng.train.settings import GinsengTrainerSettings, is_int
-from ginseng.train.step import build_eval_step, build_init, build_train_step
+from ginseng.train.step import build_confidence_step, build_eval_step, build_init, build_train_step
 
 __all__ = ["GinsengTrainer", "TrainState"]
 
@@ -54,6 +54,7 @@ class _Run:
     layout: Layout
     train_loader: Any
     holdout_loader: Any
+    reference_loader: Any  # the cells whose confidences the model keeps (holdout, else training)
     train_step: Any
     eval_step: Any
     checkpointer: ckpt.Checkpointer | None
@@ -98,7 +99,9 @@ def _prepare_holdout(dataset, settings: GinsengTrainerSettings):
 
 
 def _loaders(dataset, settings: GinsengTrainerSettings, lay: Layout, main: bool):
-    """The shuffled training loader and the ordered holdout loader (None without holdout cells).
+    """The shuffled training loader, the ordered holdout loader (None without holdout cells) and
+    the ordered loader of the cells whose confidences the model keeps (the holdout's, else the
+    training cells').
 
     dtype=None: counts travel to the devices as stored (uint16 for most data: half the bytes of
     float32, no conversion on the host); the steps convert them to float32, exactly.
@@ -114,8 +117,9 @@ def _loaders(dataset, settings: GinsengTrainerSettings, lay: Layout, main: bool)
                 "the dataset has no holdout cells: holdout loss and accuracy are logged as NaN",
                 stacklevel=4,
             )
-        return train, None
-    return train, dataset.loader(split="holdout", shuffle=False, balance=False, **kwargs)
+        return train, None, dataset.loader(split="train", shuffle=False, balance=False, **kwargs)
+    holdout = dataset.loader(split="holdout", shuffle=False, balance=False, **kwargs)
+    return train, holdout, holdout
 
 
 def _announce(dataset, verbose: bool) -> None:
@@ -135,7 +139,7 @@ def _set_up(dataset, settings, epochs, devices, stop: StopSignal, silent: bool) 
     mesh = make_mesh(devices)
     lay = layout(mesh)
     dataset = _prepare_holdout(dataset, settings)
-    train_loader, holdout_loader = _loaders(dataset, settings, lay, main)
+    train_loader, holdout_loader, reference_loader = _loaders(dataset, settings, lay, main)
     watching = settings.checkpoint_dir is not None
     total_steps = epochs * train_loader.num_batches
     checkpointer = None
@@ -146,7 +150,7 @@ def _set_up(dataset, settings, epochs, devices, stop: StopSignal, silent: bool) 
         )
     return _Run(
         settings=settings, epochs=epochs, dataset=dataset, mesh=mesh, layout=lay,
-        train_loader=train_loader, holdout_loader=holdout_loader,
+        train_loader=train_loader, holdout_loader=holdout_loader, reference_loader=reference_loader,
         train_step=build_train_step(settings, mesh, total_steps, stop_flag=watching),
         eval_step=build_eval_step(settings, mesh), checkpointer=checkpointer,
         watch=StopWatch(stop, mesh, lay.local_devices) if watching else None,
@@ -276,6 +280,18 @@ def _preempt(run: _Run, state: TrainState, logger, epoch: int, batch: int):
     exit_preempted(written, epoch, batch, run.watch.signal.received, run.verbose)
 
 
+def _confidence_counts(run: _Run, params) -> np.ndarray:
+    """The histogram of the reference cells' top probability under the final parameters: what
+    ``annotate(min_confidence="auto")`` reads its threshold from."""
+    step = build_confidence_step(run.settings, run.mesh)
+    counts = replicate(np.zeros(CONFIDENCE_BINS, np.int32), run.mesh)
+    loader = run.reference_loader
+    for batch in loader.epoch(0):
+        x, _, _, mask = global_arrays(batch, run.mesh, loader.global_batch)
+        counts = step(params, counts, x, mask)
+    return to_host(counts).astype(np.int64)
+
+
 def _model_state(run: _Run, params) -> GinsengModelState:
     s, ds = run.settings, run.dataset
     return GinsengModelState(
@@ -287,6 +303,7 @@ def _model_state(run: _Run, params) -> GinsengModelState:
         target_sum=s.target_sum,
         dropout_rate=s.dropout_rate,
         training=False,
+        confidence_counts=_confidence_counts(run, params),
     )
 
 

@@ -28,9 +28,10 @@ from ginseng._core.mesh import DATA_AXIS, all_sum
 from ginseng.augment import augment
 from ginseng.nn import _cross_entropy, nn_annotate, nn_annotate_init
 from ginseng.opt import opt_adam_update, opt_cosine_lr, opt_init_adam
+from ginseng.state import CONFIDENCE_BINS
 from ginseng.train.settings import GinsengTrainerSettings
 
-__all__ = ["LARGE_MODEL_PARAMS", "build_eval_step", "build_init", "build_train_step", "cell_keys", "n_params"]
+__all__ = ["LARGE_MODEL_PARAMS", "build_confidence_step", "build_eval_step", "build_init", "build_train_step", "cell_keys", "n_params"]
 
 
 def cell_keys(key: Array, step: Int[Array, ""], slot: Int[Array, " cells"]) -> Array:
@@ -176,6 +177,36 @@ def _cached_eval_step(key: tuple, mesh: Mesh):
     sharded = jax.shard_map(
         local_step, mesh=mesh, in_specs=(rep, rep, dat, dat, dat), out_specs=rep,
         check_vma=not single,
+    )
+    return jax.jit(sharded, donate_argnums=(1,))
+
+
+def build_confidence_step(settings: GinsengTrainerSettings, mesh: Mesh):
+    """Jitted ``step(params, counts, x, mask) -> counts``: the histogram of the cells' top
+    probability (as annotate computes it) in ``CONFIDENCE_BINS`` bins of [0, 1], int32, summed
+    over devices (exact whatever their number)."""
+    return _cached_confidence_step(_step_key(settings), mesh)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_confidence_step(key: tuple, mesh: Mesh):
+    s = _settings_from_key(key)
+    single, psum = all_sum(mesh)
+
+    def local_step(params, counts, x, mask):
+        x = jnp.where(mask[:, None], x.astype(jnp.float32), 0.0)
+        logits = nn_annotate(
+            params, jax.random.key(0), x, dropout_rate=s.dropout_rate, normalize=s.normalize,
+            target_sum=s.target_sum, training=False,
+        )
+        conf = jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1)
+        bins = jnp.clip(jnp.floor(conf * CONFIDENCE_BINS).astype(jnp.int32), 0, CONFIDENCE_BINS - 1)
+        local = jnp.zeros(CONFIDENCE_BINS, jnp.int32).at[bins].add(mask.astype(jnp.int32))
+        return counts + psum(local)
+
+    rep, dat = P(), P(DATA_AXIS)
+    sharded = jax.shard_map(
+        local_step, mesh=mesh, in_specs=(rep, rep, dat, dat), out_specs=rep, check_vma=not single,
     )
     return jax.jit(sharded, donate_argnums=(1,))
 
