@@ -285,6 +285,14 @@ class TrainerConfig:
     """Continue from the newest complete checkpoint in ``checkpoint_dir`` when there is one
     (a requeued SLURM job picks up where it stopped)."""
 
+    device_data: str = "auto"
+    """Where batches are drawn: ``resident`` (the dataset decoded once into device memory),
+    ``streamed`` (whole chunks sent per dispatch) or ``auto`` (resident when it fits 40 % of a
+    device's memory, 25 % of RAM on CPU; the log says which and why). Same model either way."""
+
+    steps_per_dispatch: int = 8
+    """Train steps per dispatch to the devices (one ``lax.scan``)."""
+
     def __post_init__(self) -> None:
         _check_min("trainer.epochs", self.epochs, 1)
         _check_training_values(self, "trainer")
@@ -627,6 +635,8 @@ def to_trainer_settings(cfg: GinsengConfig, workdir: str | os.PathLike | None = 
         "checkpoint_dir": checkpoint_dir,
         "checkpoint_every": t.checkpoint_every,
         "keep_checkpoints": t.keep_checkpoints,
+        "device_data": t.device_data,
+        "steps_per_dispatch": t.steps_per_dispatch,
     }
     known = {f.name for f in fields(GinsengTrainerSettings)}
     # checkpoint_* arrive with the checkpoint work; pass only what the trainer knows.

@@ -27,7 +27,6 @@ import numpy as np
 
 import ginseng.train.checkpoint as C
 from ginseng import distributed
-from ginseng.data import GinsengDataset
 from ginseng.train import GinsengTrainer, GinsengTrainerSettings
 
 
@@ -48,6 +47,8 @@ def _args(argv):
     ap.add_argument("--step-delay", type=float, default=0.0)
     ap.add_argument("--slow-save", type=float, default=0.0)
     ap.add_argument("--raise-in", type=int, default=None)
+    ap.add_argument("--device-data", default="auto")
+    ap.add_argument("--steps-per-dispatch", type=int, default=8)
     return ap.parse_args(argv)
 
 
@@ -55,31 +56,26 @@ def settings_for(args) -> GinsengTrainerSettings:
     return GinsengTrainerSettings(
         hidden_dim=args.hidden, batch_size=args.batch_size, rate=0.1, lam_max=0.3, lower=0, upper=4,
         checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+        device_data=args.device_data, steps_per_dispatch=args.steps_per_dispatch,
     )
 
 
-def _hooked_dataset_class(progress: bool, delay: float):
-    class Watched(GinsengDataset):
-        # A subclass, not a wrapper: process 1 re-opens the store with type(dataset)(path).
-        def loader(self, batch_size, **kwargs):
-            inner = super().loader(batch_size, **kwargs)
-            if kwargs.get("split") != "train":
-                return inner
+def _hook_feeds(progress: bool, delay: float) -> None:
+    """Print "step <epoch> <batch>" (and sleep) for every training batch as its dispatch is sent."""
+    from ginseng.train import feed as F
 
-            class Loader:
-                num_batches, global_batch = inner.num_batches, inner.global_batch
-
-                def epoch(self, epoch, start_batch=0):
-                    for b, batch in enumerate(inner.epoch(epoch, start_batch), start=start_batch):
+    for cls in (F.ResidentFeed, F.StreamedFeed):
+        def groups(self, loader, epoch, groups, k, _original=cls.groups):
+            for g, item in zip(groups, _original(self, loader, epoch, groups, k), strict=True):
+                if loader.split == "train":
+                    for b in g:
                         if progress:
                             print(f"step {epoch} {b}", flush=True)
                         if delay:
                             time.sleep(delay)
-                        yield batch
+                yield item
 
-            return Loader()
-
-    return Watched
+        cls.groups = groups
 
 
 def _slow_saves(seconds: float) -> None:
@@ -111,7 +107,7 @@ def main(argv) -> int:
         _slow_saves(args.slow_save)
     store = args.store
     if args.progress or args.step_delay:
-        store = _hooked_dataset_class(args.progress, args.step_delay)(store)
+        _hook_feeds(args.progress, args.step_delay)
     log, state = GinsengTrainer(
         store, settings_for(args), epochs=args.epochs, silent=True, resume=args.resume
     )

@@ -34,6 +34,7 @@ from ginseng.train import (
     latest_checkpoint,
     read_checkpoint,
 )
+from ginseng.train import checkpoint as ckpt
 
 
 def _identical(a, b) -> bool:
@@ -175,7 +176,7 @@ def test_checkpoint_holds_the_whole_training_state(store, tmp_path):
         log.to_dataframe().astype(np.float64).assign(epoch=lambda d: d.epoch - 1),  # stored 0-based
     )
     assert rec["dataset_identity"] == ds.identity
-    expected = {k: v for k, v in dataclasses.asdict(settings).items() if not k.startswith("checkpoint") and k != "keep_checkpoints"}
+    expected = {k: v for k, v in dataclasses.asdict(settings).items() if k not in ckpt.RESUME_FREE}
     expected["betas"] = list(expected["betas"])
     assert rec["settings"] == expected
     # Mid-epoch: a crash after 6 steps leaves the step-4 checkpoint with that epoch's running loss.

@@ -225,13 +225,19 @@ def test_values_are_validated_with_names_and_numbers():
         to_object(compose(["data.test_fraction=1.5"]))
     with pytest.raises(ValueError, match=r"optim.lr_schedule must be 'constant' or 'cosine', got 'linear'"):
         to_object(compose(["optim.lr_schedule=linear"]))
+    with pytest.raises(ValueError, match=r"trainer.device_data must be 'auto' or 'resident' or 'streamed', got 'gpu'"):
+        to_object(compose(["trainer.device_data=gpu"]))
+    with pytest.raises(ValueError, match=r"trainer.steps_per_dispatch must be an integer >= 1, got 0"):
+        to_object(compose(["trainer.steps_per_dispatch=0"]))
 
 
 def test_config_maps_to_trainer_settings(tmp_path):
     cfg = to_object(compose(["model.hidden_dim=64", "optim.lr=0.01", "trainer.batch_size=32",
-                             "trainer.balance_train=false", "optim.lr_schedule=cosine"]))
+                             "trainer.balance_train=false", "optim.lr_schedule=cosine",
+                             "trainer.device_data=streamed", "trainer.steps_per_dispatch=3"]))
     assert isinstance(cfg, GinsengConfig)
     s = to_trainer_settings(cfg, tmp_path)
+    assert (s.device_data, s.steps_per_dispatch) == ("streamed", 3)
     assert (s.hidden_dim, s.lr, s.batch_size, s.balance_train) == (64, 0.01, 32, False)
     assert s.lr_schedule == "cosine"
     assert s.betas == (0.9, 0.999)

@@ -34,7 +34,10 @@ LEGACY_NAME = "checkpoint.h5"
 _NAME = re.compile(r"^checkpoint-(\d+)\.h5$")
 _LOGGER_FIELDS = ("epoch", "train_loss", "holdout_loss", "holdout_accuracy")
 # Settings that may change between a run and its resumption without changing the result.
-RESUME_FREE = ("checkpoint_dir", "checkpoint_every", "keep_checkpoints")
+# Settings a run may resume with other values of: they change where and how often, not what, is
+# computed (device_data: the same batches to every bit in both modes; steps_per_dispatch: every
+# step is the same scanned body, test_feed checks both).
+RESUME_FREE = ("checkpoint_dir", "checkpoint_every", "keep_checkpoints", "device_data", "steps_per_dispatch")
 
 
 def checkpoint_path(directory, global_step: int) -> Path:

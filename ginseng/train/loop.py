@@ -23,10 +23,18 @@ from ginseng._core.mesh import Layout, global_arrays, layout, make_mesh, replica
 from ginseng._core.progress import bar_disabled
 from ginseng.state import CONFIDENCE_BINS, GinsengModelState
 from ginseng.train import checkpoint as ckpt
+from ginseng.train.feed import dispatch_groups, make_feed
 from ginseng.train.logger import GinsengLogger
 from ginseng.train.preempt import StopSignal, StopWatch, exit_preempted
 from ginseng.train.settings import GinsengTrainerSettings, is_int
-from ginseng.train.step import build_confidence_step, build_eval_step, build_init, build_train_step
+from ginseng.train.step import (
+    build_confidence_step,
+    build_eval_step,
+    build_init,
+    build_multi_eval_step,
+    build_multi_step,
+    build_train_step,
+)
 
 __all__ = ["GinsengTrainer", "TrainState"]
 
@@ -57,6 +65,9 @@ class _Run:
     reference_loader: Any  # the cells whose confidences the model keeps (holdout, else training)
     train_step: Any
     eval_step: Any
+    feed: Any  # resident or streamed device data (None: the host loader, batch by batch)
+    multi_step: Any  # steps_per_dispatch train steps per dispatch, drawn from the feed's buffer
+    multi_eval: Any
     checkpointer: ckpt.Checkpointer | None
     watch: StopWatch | None
     verbose: bool
@@ -142,6 +153,7 @@ def _set_up(dataset, settings, epochs, devices, stop: StopSignal, silent: bool) 
     train_loader, holdout_loader, reference_loader = _loaders(dataset, settings, lay, main)
     watching = settings.checkpoint_dir is not None
     total_steps = epochs * train_loader.num_batches
+    feed = make_feed(dataset, settings.device_data, mesh, lay, verbose=main and not silent)
     checkpointer = None
     if watching:
         checkpointer = ckpt.Checkpointer(
@@ -152,7 +164,10 @@ def _set_up(dataset, settings, epochs, devices, stop: StopSignal, silent: bool) 
         settings=settings, epochs=epochs, dataset=dataset, mesh=mesh, layout=lay,
         train_loader=train_loader, holdout_loader=holdout_loader, reference_loader=reference_loader,
         train_step=build_train_step(settings, mesh, total_steps, stop_flag=watching),
-        eval_step=build_eval_step(settings, mesh), checkpointer=checkpointer,
+        eval_step=build_eval_step(settings, mesh), feed=feed,
+        multi_step=build_multi_step(settings, mesh, total_steps, stop_flag=watching) if feed else None,
+        multi_eval=build_multi_eval_step(settings, mesh) if feed else None,
+        checkpointer=checkpointer,
         watch=StopWatch(stop, mesh, lay.local_devices) if watching else None,
         verbose=main and not silent, main=main,
     )
@@ -219,8 +234,42 @@ def _step(run: _Run, state: TrainState, batch) -> tuple[TrainState, bool]:
     return TrainState(*out, state.key), run.watch.record(stop_count)
 
 
+def _dispatch(run: _Run, state: TrainState, X, labels, rows) -> tuple[TrainState, bool]:
+    """One dispatch of ``steps_per_dispatch`` steps; also whether a stop request has arrived."""
+    params, opt_state, metrics = state.params, state.opt_state, state.metrics
+    if run.watch is None:
+        out = run.multi_step(params, opt_state, metrics, state.key, X, labels, rows)
+        return TrainState(*out, state.key), False
+    *out, stop_count = run.multi_step(params, opt_state, metrics, state.key, X, labels, rows, run.watch.flag())
+    return TrainState(*out, state.key), run.watch.record(stop_count)
+
+
+def _train_epoch_fed(run: _Run, state: TrainState, logger, epoch: int, first: int) -> TrainState:
+    """``_train_epoch`` with device data: ``steps_per_dispatch`` steps per dispatch, groups cut
+    at every checkpoint position, stop requests read once per dispatch."""
+    loader, every, k = run.train_loader, run.settings.checkpoint_every, run.settings.steps_per_dispatch
+    groups = dispatch_groups(loader.num_batches, first, k, every)
+    with tqdm(
+        total=loader.num_batches, initial=first, desc=f"[ginseng] epoch {epoch + 1}/{run.epochs}",
+        unit="step", disable=bar_disabled(not run.verbose, loader.num_batches),
+    ) as bar:
+        for g, (X, labels, rows) in zip(groups, run.feed.groups(loader, epoch, groups, k), strict=True):
+            state, stop_now = _dispatch(run, state, X, labels, rows)
+            bar.update(len(g))
+            if run.verbose and g.stop // _PROGRESS_EVERY > g.start // _PROGRESS_EVERY:
+                total, count = to_host(state.metrics)
+                bar.set_postfix(loss=f"{total / max(count, 1.0):.4f}")
+            if stop_now:
+                _preempt(run, state, logger, epoch, g.stop)
+            if every and g.stop % every == 0 and run.checkpointer is not None:
+                run.checkpointer.save(state, logger, epoch, g.stop)
+    return state
+
+
 def _train_epoch(run: _Run, state: TrainState, logger, epoch: int, first: int) -> TrainState:
     """Train the batches ``first ..`` of ``epoch``; checkpoint every ``checkpoint_every`` steps."""
+    if run.feed is not None:
+        return _train_epoch_fed(run, state, logger, epoch, first)
     loader, every = run.train_loader, run.settings.checkpoint_every
     with tqdm(
         total=loader.num_batches, initial=first, desc=f"[ginseng] epoch {epoch + 1}/{run.epochs}",
@@ -244,9 +293,16 @@ def _evaluate(run: _Run, params) -> tuple[float, float]:
     if run.holdout_loader is None:
         return float("nan"), float("nan")
     metrics = replicate(np.zeros(3, np.float32), run.mesh)
-    for batch in run.holdout_loader.epoch(0):
-        x, y, _, mask = global_arrays(batch, run.mesh, run.holdout_loader.global_batch)
-        metrics = run.eval_step(params, metrics, x, y, mask)
+    loader = run.holdout_loader
+    if run.feed is not None:  # drawn on the device like the training batches
+        k = run.settings.steps_per_dispatch
+        groups = dispatch_groups(loader.num_batches, 0, k, None)
+        for X, labels, rows in run.feed.groups(loader, 0, groups, k):
+            metrics = run.multi_eval(params, metrics, X, labels, rows)
+    else:
+        for batch in loader.epoch(0):
+            x, y, _, mask = global_arrays(batch, run.mesh, loader.global_batch)
+            metrics = run.eval_step(params, metrics, x, y, mask)
     loss_sum, correct, count = to_host(metrics)
     if count > 0:
         return float(loss_sum / count), float(correct / count)

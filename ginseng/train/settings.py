@@ -14,9 +14,10 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-__all__ = ["GROUP_MODES", "LR_SCHEDULES", "GinsengTrainerSettings", "check_values", "is_int", "is_real"]
+__all__ = ["DEVICE_DATA", "GROUP_MODES", "LR_SCHEDULES", "GinsengTrainerSettings", "check_values", "is_int", "is_real"]
 
 LR_SCHEDULES = ("constant", "cosine")
+DEVICE_DATA = ("auto", "resident", "streamed")
 GROUP_MODES = ("fraction", "loo")
 
 
@@ -95,6 +96,8 @@ RULES: dict[str, tuple[Callable, str]] = {
     "checkpoint_dir": ((lambda v: True), "a path or None"),
     "checkpoint_every": _integer(1, optional=True),
     "keep_checkpoints": _integer(1),
+    "device_data": _choice(DEVICE_DATA),
+    "steps_per_dispatch": _integer(1),
 }
 
 
@@ -198,6 +201,20 @@ class GinsengTrainerSettings:
         How many checkpoint files to keep (``checkpoint-<global step>.h5``, newest first; orbax's
         ``max_to_keep``). Resuming from a damaged newest one falls back to the one before it, so
         keep at least 2.
+    device_data : str
+        Where the training cells are drawn from. ``"resident"``: the whole dataset is decoded once
+        into device memory (replicated on every device) and every batch is drawn there; the
+        host sends only each batch's row numbers. ``"streamed"``: for each dispatch the host
+        decodes the whole chunks its batches need into one buffer, sends it once, and the
+        batches are drawn from it on the device while the next one is read. ``"auto"``
+        (default): resident when the dataset fits the device-memory budget (40 % of a device's
+        memory; on a CPU, 25 % of RAM over all its devices), else streamed, saying why. The
+        batches, and so the trained model, are the same to every bit in both modes.
+    steps_per_dispatch : int
+        Train steps run by one dispatch to the devices (a ``lax.scan`` over that many batches):
+        the host dispatches and reads stop flags once per this many steps. An epoch's last
+        group, or one cut short at a checkpoint, is padded with fully masked steps that leave
+        the parameters and optimizer untouched.
     """
 
     # Augmentation
@@ -234,6 +251,9 @@ class GinsengTrainerSettings:
     checkpoint_every: int | None = None
     keep_checkpoints: int = 3
 
+    # Devices
+    device_data: str = "auto"
+    steps_per_dispatch: int = 8
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):  # Hydra/YAML give lists

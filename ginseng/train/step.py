@@ -91,20 +91,10 @@ def _settings_from_key(key: tuple) -> GinsengTrainerSettings:
     return GinsengTrainerSettings(**dict(zip(_STEP_FIELDS, key)))
 
 
-@functools.lru_cache(maxsize=16)
-def _cached_train_step(key: tuple, mesh: Mesh, stop_flag: bool = False, total_steps: int = 0):
-    """Jitted ``step(params, opt_state, metrics, key, x, y, slot, mask) -> (params, opt_state, metrics)``.
-
-    ``metrics`` is a float32 ``[loss_sum, n_cells]`` accumulated on device, so that the host need not
-    fetch anything per step. params, opt_state and metrics are donated.
-
-    With ``stop_flag`` the step takes one more argument, an int32 array with one entry per device
-    (sharded over ``"data"``: 1 where that device's process was asked to stop), and returns one more
-    value, its sum over all devices. The sum rides on the gradient all-reduce, so every process
-    learns that some process received SIGTERM/SIGUSR1 at no extra collective.
-    """
-    s = _settings_from_key(key)
-    single, psum = all_sum(mesh)
+def _local_update(s: GinsengTrainerSettings, single: bool, psum, total_steps: int):
+    """``update(params, opt_state, key, x, y, slot, mask, stop) -> (params, opt_state, loss_sum,
+    count, stop_total)``: one device's part of a train step, gradients summed over all devices
+    (``stop``: None, or this device's stop flags, summed in the same all-reduce)."""
 
     def cell_loss(params, key, x, y):
         k_aug, k_nn = jax.random.split(key)
@@ -115,7 +105,7 @@ def _cached_train_step(key: tuple, mesh: Mesh, stop_flag: bool = False, total_st
         )
         return _cross_entropy(logits, y)
 
-    def local_step(params, opt_state, metrics, key, x, y, slot, mask, stop=None):
+    def update(params, opt_state, key, x, y, slot, mask, stop=None):
         keys = cell_keys(key, opt_state.step, slot)
         # Counts arrive as stored (uint16/uint32, or float32); padding rows become zero counts
         # (finite everywhere) and are masked out of the sum.
@@ -132,6 +122,7 @@ def _cached_train_step(key: tuple, mesh: Mesh, stop_flag: bool = False, total_st
         local_params = params if single else jax.lax.pcast(params, DATA_AXIS, to="varying")
         loss_sum, grads = jax.value_and_grad(local_loss)(local_params)
         count = jnp.sum(mask.astype(jnp.float32))
+        stop_total = None
         if stop is None:
             grads, loss_sum, count = psum((grads, loss_sum, count))
         else:
@@ -141,6 +132,28 @@ def _cached_train_step(key: tuple, mesh: Mesh, stop_flag: bool = False, total_st
         params, opt_state = opt_adam_update(
             grads, params, opt_state, lr=lr, betas=s.betas, eps=s.eps, weight_decay=s.weight_decay
         )
+        return params, opt_state, loss_sum, count, stop_total
+
+    return update
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_train_step(key: tuple, mesh: Mesh, stop_flag: bool = False, total_steps: int = 0):
+    """Jitted ``step(params, opt_state, metrics, key, x, y, slot, mask) -> (params, opt_state, metrics)``.
+
+    ``metrics`` is a float32 ``[loss_sum, n_cells]`` accumulated on device, so that the host need not
+    fetch anything per step. params, opt_state and metrics are donated.
+
+    With ``stop_flag`` the step takes one more argument, an int32 array with one entry per device
+    (sharded over ``"data"``: 1 where that device's process was asked to stop), and returns one more
+    value, its sum over all devices. The sum rides on the gradient all-reduce, so every process
+    learns that some process received SIGTERM/SIGUSR1 at no extra collective.
+    """
+    single, psum = all_sum(mesh)
+    update = _local_update(_settings_from_key(key), single, psum, total_steps)
+
+    def local_step(params, opt_state, metrics, key, x, y, slot, mask, stop=None):
+        params, opt_state, loss_sum, count, stop_total = update(params, opt_state, key, x, y, slot, mask, stop)
         out = (params, opt_state, metrics + jnp.stack([loss_sum, count]))
         return (*out, stop_total) if stop_flag else out
 
@@ -155,13 +168,96 @@ def _cached_train_step(key: tuple, mesh: Mesh, stop_flag: bool = False, total_st
     return jax.jit(sharded, donate_argnums=(0, 1, 2))
 
 
-@functools.lru_cache(maxsize=16)
-def _cached_eval_step(key: tuple, mesh: Mesh):
-    """Jitted ``step(params, metrics, x, y, mask) -> metrics``; metrics = [loss_sum, correct, count]."""
-    s = _settings_from_key(key)
-    single, psum = all_sum(mesh)
+def _draw(X, labels, rows, offset):
+    """A batch drawn on the device: rows of the buffer ``X`` (-1: padding, masked) and their
+    labels; ``offset`` + position is each row's global slot."""
+    mask = rows >= 0
+    at = jnp.where(mask, rows, 0)
+    x = jnp.take(X, at, axis=0, mode="clip")  # every index is in range; "clip" says so to XLA
+    y = jnp.take(labels, at, axis=0, mode="clip")
+    slot = offset + jnp.arange(rows.shape[0], dtype=jnp.int32)
+    return x, y, slot, mask
 
-    def local_step(params, metrics, x, y, mask):
+
+def _loop_on_host(mesh: Mesh, single: bool) -> bool:
+    """Whether a dispatch's steps are run by a host loop over one-step programs instead of one
+    ``lax.scan``: on CPU devices with all-reduces in the step. XLA's CPU collectives inside a
+    loop break when the program comes from JAX's persistent compilation cache (a rendezvous
+    check failure or a crash, JAX 0.10.2), and an unrolled scan lets XLA fuse across steps, so
+    that results would depend on how steps are grouped. On a CPU the dispatch costs little
+    against the step; on GPUs (and one device) the scan stays."""
+    return not single and mesh.devices.flat[0].platform == "cpu"
+
+
+def build_multi_step(settings: GinsengTrainerSettings, mesh: Mesh, total_steps: int, stop_flag: bool = False):
+    """``step(params, opt_state, metrics, key, X, labels, rows[, stop])``: the train steps of
+    ``rows`` (k batches x global batch, int32, sharded over ``"data"`` on axis 1) in one
+    dispatch (a jitted ``lax.scan``), each batch drawn on the device from the replicated buffer
+    ``X`` and its ``labels``; params, opt_state and metrics are donated.
+
+    A step whose batch is entirely padding (rows all -1) leaves params, opt_state and metrics
+    exactly as they were: the remainder of an epoch and a group cut short at a checkpoint
+    change nothing. Every step is the same scanned body whatever k, the buffer or the group, so
+    the grouping changes no bit. With ``stop_flag`` the stop flags (one per device) are summed
+    once per dispatch and returned last.
+    """
+    return _cached_multi_step(_step_key(settings), mesh, int(total_steps), bool(stop_flag))
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_multi_step(key: tuple, mesh: Mesh, total_steps: int, stop_flag: bool):
+    single, psum = all_sum(mesh)
+    update = _local_update(_settings_from_key(key), single, psum, total_steps)
+    on_host = _loop_on_host(mesh, single)
+
+    def local_step(params, opt_state, metrics, key, X, labels, rows):
+        offset = jax.lax.axis_index(DATA_AXIS) * rows.shape[1]
+
+        def body(carry, r):
+            params, opt_state, metrics = carry
+            x, y, slot, mask = _draw(X, labels, r, offset)
+            new_p, new_o, loss_sum, count, _ = update(params, opt_state, key, x, y, slot, mask)
+            active = count > 0  # all-reduced: the same on every device
+
+            def keep(new, old):
+                return jnp.where(active, new, old)
+
+            params = jax.tree.map(keep, new_p, params)
+            opt_state = jax.tree.map(keep, new_o, opt_state)
+            return (params, opt_state, keep(metrics + jnp.stack([loss_sum, count]), metrics)), None
+
+        if on_host:  # one step, no loop (rows is (1, batch))
+            return body((params, opt_state, metrics), rows[0])[0]
+        return jax.lax.scan(body, (params, opt_state, metrics), rows)[0]
+
+    rep = P()
+    program = jax.jit(jax.shard_map(
+        local_step, mesh=mesh, in_specs=(rep, rep, rep, rep, rep, rep, P(None, DATA_AXIS)),
+        out_specs=(rep, rep, rep), check_vma=not single,
+    ), donate_argnums=(0, 1, 2))
+    stop_sum = _stop_sum(mesh) if stop_flag else None
+
+    def step(params, opt_state, metrics, key, X, labels, rows, stop=None):
+        if on_host:
+            for j in range(rows.shape[0]):
+                params, opt_state, metrics = program(params, opt_state, metrics, key, X, labels, rows[j : j + 1])
+        else:
+            params, opt_state, metrics = program(params, opt_state, metrics, key, X, labels, rows)
+        return (params, opt_state, metrics) + ((stop_sum(stop),) if stop_flag else ())
+
+    return step
+
+
+@functools.lru_cache(maxsize=16)
+def _stop_sum(mesh: Mesh):
+    """Jitted sum over all devices of the per-device stop flags (sharded over ``"data"``)."""
+    single, psum = all_sum(mesh)
+    return jax.jit(jax.shard_map(lambda stop: psum(jnp.sum(stop)), mesh=mesh, in_specs=P(DATA_AXIS),
+                                 out_specs=P(), check_vma=not single))
+
+
+def _local_eval(s: GinsengTrainerSettings, psum):
+    def local(params, x, y, mask):
         x = jnp.where(mask[:, None], x.astype(jnp.float32), 0.0)
         logits = nn_annotate(
             params, jax.random.key(0), x, dropout_rate=s.dropout_rate, normalize=s.normalize,
@@ -171,7 +267,19 @@ def _cached_eval_step(key: tuple, mesh: Mesh):
         loss_sum = jnp.sum(jnp.where(mask, losses, 0.0))
         correct = jnp.sum(jnp.where(mask, jnp.argmax(logits, axis=-1) == y, False).astype(jnp.float32))
         count = jnp.sum(mask.astype(jnp.float32))
-        return metrics + psum(jnp.stack([loss_sum, correct, count]))
+        return psum(jnp.stack([loss_sum, correct, count]))
+
+    return local
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_eval_step(key: tuple, mesh: Mesh):
+    """Jitted ``step(params, metrics, x, y, mask) -> metrics``; metrics = [loss_sum, correct, count]."""
+    single, psum = all_sum(mesh)
+    local = _local_eval(_settings_from_key(key), psum)
+
+    def local_step(params, metrics, x, y, mask):
+        return metrics + local(params, x, y, mask)
 
     rep, dat = P(), P(DATA_AXIS)
     sharded = jax.shard_map(
@@ -179,6 +287,43 @@ def _cached_eval_step(key: tuple, mesh: Mesh):
         check_vma=not single,
     )
     return jax.jit(sharded, donate_argnums=(1,))
+
+
+def build_multi_eval_step(settings: GinsengTrainerSettings, mesh: Mesh):
+    """``step(params, metrics, X, labels, rows) -> metrics``: the eval step scanned over
+    ``rows`` (k batches x global batch) drawn on the device like :func:`build_multi_step`'s."""
+    return _cached_multi_eval_step(_step_key(settings), mesh)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_multi_eval_step(key: tuple, mesh: Mesh):
+    single, psum = all_sum(mesh)
+    local = _local_eval(_settings_from_key(key), psum)
+    on_host = _loop_on_host(mesh, single)
+
+    def local_step(params, metrics, X, labels, rows):
+        offset = jax.lax.axis_index(DATA_AXIS) * rows.shape[1]
+
+        def body(m, r):
+            x, y, _, mask = _draw(X, labels, r, offset)
+            return m + local(params, x, y, mask), None
+
+        if on_host:
+            return body(metrics, rows[0])[0]
+        return jax.lax.scan(body, metrics, rows)[0]
+
+    rep = P()
+    program = jax.jit(jax.shard_map(
+        local_step, mesh=mesh, in_specs=(rep, rep, rep, rep, P(None, DATA_AXIS)), out_specs=rep,
+        check_vma=not single,
+    ), donate_argnums=(1,))
+
+    def step(params, metrics, X, labels, rows):
+        for part in ([rows[j : j + 1] for j in range(rows.shape[0])] if on_host else [rows]):
+            metrics = program(params, metrics, X, labels, part)
+        return metrics
+
+    return step
 
 
 def build_confidence_step(settings: GinsengTrainerSettings, mesh: Mesh):
