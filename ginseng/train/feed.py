@@ -9,10 +9,11 @@ never cross a checkpoint position, and a short group is padded with fully masked
 
 - **resident**: TensorStore decodes the whole store once into one host buffer (storage order),
   which is put on every device once; a batch's rows are stored-row numbers.
-- **streamed**: for each group the host decodes the whole chunks its batches touch into one
-  buffer of a fixed capacity (so the step compiles once per epoch at most), sends it in one
-  transfer, and the rows are positions in it; the next group is read on a background thread
-  while the devices train on this one. Under ``jax.distributed`` every process reads the same
+- **streamed**: the host decodes whole chunks into one buffer of a fixed capacity (two shuffle
+  windows; so the step compiles once per epoch at most), sends it in one transfer, and every
+  dispatch group whose chunks it holds draws its rows from it (positions in the buffer); each
+  chunk is read about once an epoch. The next buffer is read on a background thread while the
+  devices train on this one. Under ``jax.distributed`` every process reads the same
   chunks (the buffer is replicated) and sends only its own slots' rows.
 """
 
@@ -39,6 +40,9 @@ RESIDENT_FRACTION = 0.4
 # Without a reported device memory (CPU devices live in host RAM): this fraction of the RAM,
 # counting one copy per local device.
 HOST_RESIDENT_FRACTION = 0.25
+# A streamed buffer holds the chunks of up to this many shuffle windows (16,384 rows each): a
+# dispatch group near a window's end touches two.
+BUFFER_WINDOWS = 2
 
 
 def supports(dataset) -> bool:
@@ -145,12 +149,19 @@ class StreamedFeed:
         rows = np.where(cells >= 0, self.ds._rank[np.maximum(cells, 0)], -1)
         return rows, np.unique(rows[rows >= 0] // self.R)
 
-    def _capacity(self, loader, plan, groups, k) -> int:
-        """Buffer rows for the epoch: the most chunks any group touches, rounded up to whole
-        windows, so that the step's input shape (and its compilation) rarely changes."""
-        most = max((self._chunks(loader, plan, g, k)[1].size for g in groups), default=1)
-        per_window = max(1, sampler._WINDOW_ROWS // self.R)
-        return max(1, math.ceil(most / per_window)) * per_window * self.R
+    def _spans(self, touched: list[np.ndarray]) -> list[np.ndarray]:
+        """The chunks of each buffer: consecutive groups share one while the union of what they
+        touch fits ``BUFFER_WINDOWS`` shuffle windows, so that each chunk is read about once."""
+        cap = BUFFER_WINDOWS * max(1, sampler._WINDOW_ROWS // self.R)
+        spans, current = [], np.zeros(0, np.int64)
+        for chunks in touched:
+            union = np.union1d(current, chunks)
+            if current.size and union.size > cap:
+                spans.append(current)
+                union = chunks
+            current = union
+        spans.append(current)
+        return spans
 
     def _buffer(self, chunks: np.ndarray, capacity: int):
         ds, R = self.ds, self.R
@@ -167,20 +178,27 @@ class StreamedFeed:
         return buf, labels
 
     def _prepared(self, loader, plan, groups, k) -> Iterator[tuple]:
-        capacity = self._capacity(loader, plan, groups, k)
-        lay = self.layout
-        lo = lay.process_index * loader.local_rows
-        for g in groups:
-            rows, chunks = self._chunks(loader, plan, g, k)
-            buf, labels = self._buffer(chunks, capacity)
-            self.nbytes = max(self.nbytes, buf.nbytes)
+        touched = [self._chunks(loader, plan, g, k)[1] for g in groups]
+        spans = self._spans(touched)
+        # One shape per epoch (the largest buffer, in whole windows): the step compiles rarely.
+        per_window = max(1, sampler._WINDOW_ROWS // self.R)
+        capacity = max(1, math.ceil(max(s.size for s in spans) / per_window)) * per_window * self.R
+        lo = self.layout.process_index * loader.local_rows
+        spans_left = iter(spans)
+        chunks, X, labels = np.zeros(0, np.int64), None, None
+        for g, needed in zip(groups, touched, strict=True):
+            if X is None or not np.isin(needed, chunks).all():
+                chunks = next(spans_left)
+                buf, lab = self._buffer(chunks, capacity)
+                self.nbytes = max(self.nbytes, buf.nbytes)
+                X, labels = replicate(buf, self.mesh), replicate(lab, self.mesh)
+                del buf, lab
+            rows, _ = self._chunks(loader, plan, g, k)
             real = rows >= 0
             pos = np.full(rows.shape, -1, np.int64)
             c = rows[real] // self.R
             pos[real] = np.searchsorted(chunks, c) * self.R + (rows[real] - c * self.R)
-            local = pos[:, lo : lo + loader.local_rows]
-            yield (replicate(buf, self.mesh), replicate(labels, self.mesh),
-                   _global_rows(local, self.mesh, loader.global_batch))
+            yield X, labels, _global_rows(pos[:, lo : lo + loader.local_rows], self.mesh, loader.global_batch)
 
     def groups(self, loader, epoch: int, groups: list[range], k: int) -> Iterator[tuple]:
         plan = loader.plan(epoch)
