@@ -10,10 +10,15 @@ runs, each in a fresh subprocess:
 - the forward-pass compute ceiling: the same jitted forward (``ginseng.annotate.forward.build_forward``,
   same batch size, devices and settings) applied repeatedly to one in-memory batch -> cells/s.
 
+- h5py alone reading the same file's X (data, indices, indptr) in the same row blocks, nothing
+  else done with them -> cells/s: the rate at which the input can be read at all.
+
 Targets (issue 5): peak RSS at 1M cells < 1.5 GB, 100k within 20 % of it; throughput >= 90 % of
 the ceiling. Usage::
 
     python benchmarks/bench_annotate.py --cells 100000 1000000 --workdir /tmp/bench_annotate
+    # whole-transcriptome input (issue 15): 20,000 genes, ~2,000 non-zeros a cell, 2,000-gene model
+    python benchmarks/bench_annotate.py --cells 20000 200000 --genes 20000 --density 0.075 --model-genes 2000
 
 Prints one JSON line per measurement and a summary; ``--json`` writes them to a file.
 """
@@ -31,6 +36,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 BLOCK = 8192  # rows per generated block
 N_DISTINCT = 4  # distinct generated blocks, cycled (the content does not change the cost)
@@ -128,6 +134,23 @@ def child_annotate(args) -> dict:
             "peak_rss_mb": peak_rss_mb()}
 
 
+def child_h5py(args) -> dict:
+    import h5py
+
+    t0 = time.perf_counter()
+    nnz = 0
+    with h5py.File(args.input, "r") as f:
+        data, indices, indptr = f["X/data"], f["X/indices"], f["X/indptr"]
+        n = len(indptr) - 1
+        for a in range(0, n, args.batch_size):
+            ptr = indptr[a : min(n, a + args.batch_size) + 1]
+            d, i = data[int(ptr[0]) : int(ptr[-1])], indices[int(ptr[0]) : int(ptr[-1])]
+            assert i.size == d.size
+            nnz += d.size
+    dt = time.perf_counter() - t0
+    return {"kind": "h5py", "cells_per_s": n / dt, "seconds": dt, "nnz": nnz}
+
+
 def child_ceiling(args) -> dict:
     import anndata
     import jax
@@ -141,7 +164,8 @@ def child_ceiling(args) -> dict:
     ad = anndata.read_h5ad(args.input, backed="r")
     devs = jax.devices()
     gb = -(-args.batch_size // len(devs)) * len(devs)
-    x = np.asarray(ad.X[:gb].toarray(), np.float32)
+    cols = pd.Index(ad.var_names).get_indexer(np.asarray(state.genes).astype(str))
+    x = np.asarray(ad.X[:gb].toarray(), np.float32)[:, cols]
     mesh = Mesh(np.asarray(devs), ("data",))
     fwd, data_sh, _ = build_forward(
         mesh, dropout_rate=state.dropout_rate, normalize=state.normalize, target_sum=state.target_sum,
@@ -181,14 +205,16 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=30, help="forward passes timed for the ceiling")
     ap.add_argument("--workdir", default="/tmp/bench_annotate")
     ap.add_argument("--json", default=None, help="also write the results to this file")
-    ap.add_argument("--child", choices=["annotate", "ceiling"], help=argparse.SUPPRESS)
+    ap.add_argument("--model-genes", type=int, default=None,
+                    help="genes the model reads (every k-th input gene; default: all of them)")
+    ap.add_argument("--child", choices=["annotate", "ceiling", "h5py"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--input", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.child:
-        fn = child_annotate if args.child == "annotate" else child_ceiling
+        fn = {"annotate": child_annotate, "ceiling": child_ceiling, "h5py": child_h5py}[args.child]
         print(json.dumps(fn(args)))
         return
 
@@ -202,8 +228,10 @@ def main() -> None:
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join([sys.executable] + sys.argv)}
     print(json.dumps(info), flush=True)
     genes = [f"GENE{j}" for j in range(args.genes)]
-    model = work / f"model_{args.genes}.h5"
-    make_model(model, genes, args.classes, args.hidden)
+    m = args.model_genes or args.genes
+    model_genes = genes[:: max(1, args.genes // m)][:m]
+    model = work / f"model_{args.genes}_{m}.h5"
+    make_model(model, model_genes, args.classes, args.hidden)
     results = []
     for n in args.cells:
         h5ad = work / f"cells_{n}_{args.genes}.h5ad"
@@ -216,11 +244,14 @@ def main() -> None:
         ceil1 = run_child("ceiling", reps=args.reps, **common)
         ann = run_child("annotate", out=work / f"out_{n}.parquet", **common)
         ceil2 = run_child("ceiling", reps=args.reps, **common)
+        h5 = run_child("h5py", input=h5ad, batch_size=args.batch_size)
         ceiling = max(ceil1["cells_per_s"], ceil2["cells_per_s"])
         row = {"cells": n, "genes": args.genes, "batch_size": args.batch_size,
                "annotate_cells_per_s": round(ann["cells_per_s"], 1),
                "ceiling_cells_per_s": [round(ceil1["cells_per_s"], 1), round(ceil2["cells_per_s"], 1)],
                "fraction_of_ceiling": round(ann["cells_per_s"] / ceiling, 3),
+               "model_genes": m, "h5py_read_cells_per_s": round(h5["cells_per_s"], 1),
+               "fraction_of_h5py_read": round(ann["cells_per_s"] / h5["cells_per_s"], 3),
                "peak_rss_mb": round(ann["peak_rss_mb"], 1), "seconds": round(ann["seconds"], 1)}
         assert ann["cells"] == n, (ann["cells"], n)
         results.append(row)

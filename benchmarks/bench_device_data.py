@@ -38,11 +38,11 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from ginseng._core.mesh import layout, make_mesh  # noqa: E402
-from ginseng.data import GinsengDataset  # noqa: E402
-from ginseng.train import GinsengTrainer, GinsengTrainerSettings  # noqa: E402
-from ginseng.train import feed as F  # noqa: E402
-from ginseng.train import step as S  # noqa: E402
+from ginseng._core.mesh import layout, make_mesh
+from ginseng.data import GinsengDataset
+from ginseng.train import GinsengTrainer, GinsengTrainerSettings
+from ginseng.train import feed as F
+from ginseng.train import step as S
 
 
 def build(cells: int, workdir: Path, name: str) -> tuple[Path, Path]:

@@ -19,6 +19,8 @@ never cross a checkpoint position, and a short group is padded with fully masked
 
 from __future__ import annotations
 
+import collections
+import itertools
 import math
 import os
 from collections.abc import Iterator
@@ -43,6 +45,8 @@ HOST_RESIDENT_FRACTION = 0.25
 # A streamed buffer holds the chunks of up to this many shuffle windows (16,384 rows each): a
 # dispatch group near a window's end touches two.
 BUFFER_WINDOWS = 2
+# Whole-chunk reads in flight while decoding (TensorStore decodes them on its own threads).
+_INFLIGHT = 32
 
 
 def supports(dataset) -> bool:
@@ -107,6 +111,26 @@ def _group_cells(loader, plan: np.ndarray, g: range, k: int, process_index: int,
     return out
 
 
+def _read_chunks(ds, chunks: np.ndarray, out: np.ndarray) -> None:
+    """Decode whole chunks into ``out`` (chunk j at rows j*R ..), ``_INFLIGHT`` reads at a time:
+    TensorStore decodes them concurrently on its own threads while earlier ones are copied."""
+    R, n = int(ds.chunk_rows), int(ds.n_cells)
+    reads: collections.deque = collections.deque()
+    todo = iter(enumerate(chunks))
+    for item in itertools.islice(todo, _INFLIGHT):
+        reads.append((item, ds._X[item[1] * R : min(n, (item[1] + 1) * R)].read()))
+    while reads:
+        (j, _c), fut = reads.popleft()
+        nxt = next(todo, None)
+        if nxt is not None:
+            reads.append((nxt, ds._X[nxt[1] * R : min(n, (nxt[1] + 1) * R)].read()))
+        try:
+            arr = fut.result()
+        except ValueError as err:
+            raise ds._damaged("reading counts", err) from err
+        out[j * R : j * R + arr.shape[0]] = arr
+
+
 class ResidentFeed:
     """The whole store on every device; per group, the stored rows of its batches."""
 
@@ -114,10 +138,8 @@ class ResidentFeed:
 
     def __init__(self, dataset, mesh, layout):
         self.mesh, self.layout, self.rank = mesh, layout, dataset._rank
-        try:
-            host = dataset._X.read().result()  # TensorStore decodes every chunk, concurrently
-        except ValueError as err:
-            raise dataset._damaged("reading counts", err) from err
+        host = np.empty((dataset.n_cells, dataset.n_genes), dtype=dataset._X.dtype.numpy_dtype)
+        _read_chunks(dataset, np.arange(math.ceil(dataset.n_cells / dataset.chunk_rows)), host)
         self.nbytes = host.nbytes
         self.X = replicate(host, mesh)
         del host
@@ -164,21 +186,19 @@ class StreamedFeed:
         return spans
 
     def _buffer(self, chunks: np.ndarray, capacity: int):
-        ds, R = self.ds, self.R
-        reads = [ds._X[c * R : min(ds.n_cells, (c + 1) * R)].read() for c in chunks]
-        buf = np.zeros((capacity, ds.n_genes), dtype=ds._X.dtype.numpy_dtype)
+        # Rows past the chunks are never drawn (no row number points there): left unwritten.
+        buf = np.empty((capacity, self.ds.n_genes), dtype=self.ds._X.dtype.numpy_dtype)
+        _read_chunks(self.ds, chunks, buf)
         labels = np.zeros(capacity, np.int32)
-        for j, (c, fut) in enumerate(zip(chunks, reads, strict=True)):
-            try:
-                arr = fut.result()
-            except ValueError as err:
-                raise ds._damaged("reading counts", err) from err
-            buf[j * R : j * R + arr.shape[0]] = arr
-            labels[j * R : j * R + arr.shape[0]] = self.labels_by_row[c * R : c * R + arr.shape[0]]
+        R, n = self.R, int(self.ds.n_cells)
+        for j, c in enumerate(chunks):
+            size = min(n, (c + 1) * R) - c * R
+            labels[j * R : j * R + size] = self.labels_by_row[c * R : c * R + size]
         return buf, labels
 
     def _prepared(self, loader, plan, groups, k) -> Iterator[tuple]:
-        touched = [self._chunks(loader, plan, g, k)[1] for g in groups]
+        layouts = [self._chunks(loader, plan, g, k) for g in groups]
+        touched = [t for _, t in layouts]
         spans = self._spans(touched)
         # One shape per epoch (the largest buffer, in whole windows): the step compiles rarely.
         per_window = max(1, sampler._WINDOW_ROWS // self.R)
@@ -186,14 +206,13 @@ class StreamedFeed:
         lo = self.layout.process_index * loader.local_rows
         spans_left = iter(spans)
         chunks, X, labels = np.zeros(0, np.int64), None, None
-        for g, needed in zip(groups, touched, strict=True):
+        for rows, needed in layouts:
             if X is None or not np.isin(needed, chunks).all():
                 chunks = next(spans_left)
                 buf, lab = self._buffer(chunks, capacity)
                 self.nbytes = max(self.nbytes, buf.nbytes)
                 X, labels = replicate(buf, self.mesh), replicate(lab, self.mesh)
                 del buf, lab
-            rows, _ = self._chunks(loader, plan, g, k)
             real = rows >= 0
             pos = np.full(rows.shape, -1, np.int64)
             c = rows[real] // self.R
