@@ -530,3 +530,50 @@ def test_cells_annotates_those_rows_of_the_input(adata, state, tmp_path):
     ds = pytest.importorskip("ginseng.data").GinsengDataset.create(tmp_path / "ds", adata, "cell_type", silent=True)
     with pytest.raises(ValueError, match="cells= applies to an AnnData input"):
         annotate(state, ds, cells=cells, silent=True)
+
+
+def _write_10x_h5(path, X, genes, barcodes):
+    import h5py
+
+    csc = sp.csc_matrix(X.T.astype(np.int32))  # genes x cells, as Cell Ranger writes it
+    with h5py.File(path, "w") as f:
+        g = f.create_group("matrix")
+        g["data"], g["indices"], g["indptr"] = csc.data, csc.indices.astype(np.int64), csc.indptr.astype(np.int64)
+        g["shape"] = np.array(csc.shape, dtype=np.int32)
+        g["barcodes"] = np.array(barcodes, dtype="S")
+        ft = g.create_group("features")
+        ft["id"] = np.array([f"ENSG{j:011d}" for j in range(len(genes))], dtype="S")
+        ft["name"] = np.array(genes, dtype="S")
+        ft["feature_type"] = np.array(["Gene Expression"] * len(genes), dtype="S")
+        ft["genome"] = np.array(["GRCh38"] * len(genes), dtype="S")
+
+
+def test_every_input_kind_gives_the_same_bits(tmp_path, monkeypatch):
+    """One set of cells as a dense AnnData, a sparse one, a backed h5ad path, a 10x h5 and a
+    GinsengDataset: the same predictions and probabilities to every bit, whether the batch was
+    sent dense or as its non-zero entries densified on the devices (sparse inputs)."""
+    from ginseng.annotate.forward import BatchStream
+    from ginseng.data import GinsengDataset
+
+    ad = make_counts(n_cells=150, n_genes=40, n_labels=3, seed=11, sparse=True)
+    state = make_state(list(ad.var_names[::-1][:30]))  # 30 of the 40 genes, in another order
+    dense = ad.copy()
+    dense.X = ad.X.toarray()
+    ad.write_h5ad(tmp_path / "x.h5ad")
+    _write_10x_h5(tmp_path / "x.h5", ad.X.toarray(), list(ad.var_names), list(ad.obs_names))
+    ds = GinsengDataset.create(tmp_path / "x.zarr", dense, labels="cell_type", chunk_size=16, silent=True)
+    compact_calls = []
+    real = BatchStream._compact
+    monkeypatch.setattr(BatchStream, "_compact", lambda self, e: compact_calls.append(1) or real(self, e))
+
+    def run(x, **kw):
+        table, probs = annotate(state, x, return_table=True, return_probs=True, batch_size=13, silent=True, **kw)
+        return table.cell_type.astype(str).to_numpy(), probs.to_numpy(), table.confidence.to_numpy()
+
+    ref = run(dense)
+    assert not compact_calls  # a dense input goes dense
+    for x, kw in ((ad, {}), (str(tmp_path / "x.h5ad"), {"backed": True}), (str(tmp_path / "x.h5"), {}), (ds, {})):
+        got = run(x, **kw)
+        for a, b in zip(ref, got, strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert compact_calls  # the sparse inputs were sent as entries

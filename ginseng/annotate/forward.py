@@ -44,6 +44,44 @@ def build_forward(
     does not depend on batch size, padding or device count. Cached, so that annotating several
     inputs with the same settings compiles once.
     """
+    forward = _forward_fn(dropout_rate, normalize, target_sum, randomness, n_samples, want_probs, want_attn)
+    data = NamedSharding(mesh, P("data"))
+    repl = NamedSharding(mesh, P())
+    # Params are replicated and NOT donated: the caller's model stays usable.
+    return jax.jit(forward, in_shardings=(repl, repl, data, data), out_shardings=data), data, repl
+
+
+@functools.lru_cache(maxsize=32)
+def build_forward_compact(mesh: Mesh, n_genes: int, **settings):
+    """Jitted ``(params, seed, rows, cols, vals, index) -> dict``: :func:`build_forward`'s pass on
+    batches sent as their non-zero entries and densified on the devices.
+
+    ``rows``, ``cols``, ``vals`` are sharded over ``"data"``, each device's segment holding the
+    entries of its own rows of the batch (``rows`` counted from its first row; padding entries
+    add 0 at (0, 0)). The dense batch goes through an optimization barrier into the same forward
+    function, so that the results are those of the dense path to every bit.
+    """
+    forward = _forward_fn(**settings)
+    data = NamedSharding(mesh, P("data"))
+    repl = NamedSharding(mesh, P())
+
+    def densify(r, c, v, index):
+        local = index.shape[0]
+        return jnp.zeros((local, n_genes), jnp.float32).at[r, c].add(v, mode="drop")
+
+    spread = jax.shard_map(densify, mesh=mesh, in_specs=(P("data"),) * 4, out_specs=P("data"))
+
+    def compact_forward(params, seed, r, c, v, index):
+        x = jax.lax.optimization_barrier(spread(r, c, v, index))
+        return forward(params, seed, x, index)
+
+    return jax.jit(compact_forward, in_shardings=(repl, repl, data, data, data, data), out_shardings=data)
+
+
+def _forward_fn(dropout_rate: float, normalize: bool, target_sum: float | None, randomness: bool,
+                n_samples: int, want_probs: bool, want_attn: bool):
+    """The forward pass as a function of (params, seed, x, index), for jit to compile."""
+
     def one_pass(params, base_key, x, index, s):
         if randomness:
             def per_cell(i, xi):
@@ -85,10 +123,7 @@ def build_forward(
             out["attn"] = attn
         return out
 
-    data = NamedSharding(mesh, P("data"))
-    repl = NamedSharding(mesh, P())
-    # Params are replicated and NOT donated: the caller's model stays usable.
-    return jax.jit(forward, in_shardings=(repl, repl, data, data), out_shardings=data), data, repl
+    return forward
 
 
 
@@ -113,16 +148,40 @@ class BatchStream:
         # (no heap fragmentation across threads). A slot is rewritten only after its batch has
         # been consumed: at most depth (queue) + 1 (being read) + 2 (dispatched, pending) live.
         self.depth = 2
+        # Sparse inputs travel as their kept entries and are densified on the devices (one
+        # process: every process would need the same segment sizes).
+        self.local_devices = lay.local_devices
+        self.compact = self.n_proc == 1
         self.ring = [np.zeros((self.local_rows, n_model_genes), np.float32) for _ in range(self.depth + 4)]
+
+    def _compact(self, entries) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One process's entries split into equal per-device segments (rows counted from each
+        device's first row), padded with zeros to a power of two: few shapes, few compiles."""
+        r, c, v = entries
+        n_dev = self.local_devices
+        per = self.local_rows // n_dev
+        dev = r // per
+        counts = np.bincount(dev, minlength=n_dev)
+        cap = max(1024, 1 << int(np.ceil(np.log2(max(1, int(counts.max()))))))
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        pos = dev.astype(np.int64) * cap + (np.arange(r.size) - starts[dev])
+        out = [np.zeros(n_dev * cap, t) for t in (np.int32, np.int32, np.float32)]
+        out[0][pos], out[1][pos], out[2][pos] = r - dev * per, c, v
+        return tuple(out)
 
     def _produce(self, source, i: int):
         # Rows of this process in global batch i: [g0 + proc*local_rows, ... + local_rows).
         g0, rows = i * self.global_batch, self.local_rows
         a = min(g0 + self.proc * rows, self.n_cells)
         b = min(a + rows, self.n_cells)
-        x = self.ring[i % len(self.ring)]
-        source.read(a, b, out=x)
-        x[b - a :] = 0.0  # padding rows
+        x = None
+        if self.compact:
+            entries = source.read_compact(a, b) if hasattr(source, "read_compact") else None
+            x = None if entries is None else self._compact(entries)
+        if x is None:
+            x = self.ring[i % len(self.ring)]
+            source.read(a, b, out=x)
+            x[b - a :] = 0.0  # padding rows
         index = np.arange(g0 + self.proc * rows, g0 + (self.proc + 1) * rows, dtype=np.int64)
         if source.stored_order is not None:  # key every cell by its original index
             index[: b - a] = source.stored_order[a:b]
@@ -141,7 +200,11 @@ class BatchStream:
         return jax.device_get(out)
 
     def run(self, source, fwd, data_sharding, params, seed, consume) -> None:
-        """``consume(a, b, out)`` for every batch's cells [a, b), in order, padding dropped."""
+        """``consume(a, b, out)`` for every batch's cells [a, b), in order, padding dropped.
+
+        ``fwd``: the dense forward, or (dense, compact) to send sparse batches as entries."""
+        fwd, fwd_compact = fwd if isinstance(fwd, tuple) else (fwd, None)
+        self.compact = self.compact and fwd_compact is not None
         prefetch = background(
             lambda: map(functools.partial(self._produce, source), range(self.n_batches)),
             depth=self.depth, name="ginseng-annotate",
@@ -150,7 +213,11 @@ class BatchStream:
             pending = None
             for i, x, index in prefetch:
                 # Dispatch batch i before fetching batch i-1, so the devices never wait on the host.
-                out_dev = fwd(params, seed, self._to_global(x, data_sharding), self._to_global(index, data_sharding))
+                idx = self._to_global(index, data_sharding)
+                if isinstance(x, tuple):
+                    out_dev = fwd_compact(params, seed, *(self._to_global(part, data_sharding) for part in x), idx)
+                else:
+                    out_dev = fwd(params, seed, self._to_global(x, data_sharding), idx)
                 if pending is not None:
                     self._consume(consume, *pending)
                 pending = (i, out_dev)

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ginseng._core.files import check_writable_target
 from ginseng._core.mesh import replicate
 from ginseng._core.progress import bar_disabled
-from ginseng.annotate.forward import BatchStream, build_forward
+from ginseng.annotate.forward import BatchStream, build_forward, build_forward_compact
 from ginseng.annotate.genes import input_gene_names, map_genes
 from ginseng.annotate.reject import (
     UNASSIGNED,
@@ -281,13 +281,15 @@ def _forward(stream: BatchStream, state: GinsengModelState, o: _Options):
     """(jitted forward, its data sharding, replicated params, replicated seed)."""
     norm = state.normalize if o.normalize is None else bool(o.normalize)
     tsum = state.target_sum if o.target_sum is None else float(o.target_sum)
-    fwd, data_sh, _ = build_forward(
-        stream.mesh, dropout_rate=float(state.dropout_rate), normalize=norm, target_sum=tsum,
-        randomness=bool(o.randomness), n_samples=o.n_samples, want_probs=bool(o.return_probs),
-        want_attn=bool(o.return_attn),
-    )
+    settings = {
+        "dropout_rate": float(state.dropout_rate), "normalize": norm, "target_sum": tsum,
+        "randomness": bool(o.randomness), "n_samples": o.n_samples, "want_probs": bool(o.return_probs),
+        "want_attn": bool(o.return_attn),
+    }
+    fwd, data_sh, _ = build_forward(stream.mesh, **settings)
+    compact = build_forward_compact(stream.mesh, len(state.genes), **settings)
     seed = replicate(np.uint32(int(o.seed) % 2**32), stream.mesh)
-    return fwd, data_sh, replicate(state.params, stream.mesh), seed, norm
+    return (fwd, compact), data_sh, replicate(state.params, stream.mesh), seed, norm
 
 
 # --------------------------------------------------------------------------------------------

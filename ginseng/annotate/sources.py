@@ -140,6 +140,20 @@ class AnnDataSource:
         blk.toarray(out=out[:n])  # out is zeroed above: toarray accumulates into it
         return out[:n]
 
+    def read_compact(self, a: int, b: int):
+        """Positions [a, b) as their non-zero model-gene entries ``(rows, cols, vals)`` (rows
+        counted from a, in row order), for the devices to densify; None for a dense input."""
+        if b <= a:
+            return None
+        blk = self._rows(a, b)
+        if not sp.issparse(blk):
+            return None
+        blk = sp.csr_matrix(blk)
+        cols = self.colmap[blk.indices]
+        keep = cols >= 0
+        rows = np.repeat(np.arange(b - a, dtype=np.int32), np.diff(blk.indptr))
+        return rows[keep], cols[keep].astype(np.int32), blk.data[keep].astype(np.float32)
+
     def _input_barcodes(self, a: int, b: int) -> np.ndarray:
         return np.asarray(self.adata.obs_names[a:b]).astype(str)
 
