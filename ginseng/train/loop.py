@@ -399,8 +399,9 @@ def GinsengTrainer(
         the model of an uninterrupted run. Without ``resume``, a ``checkpoint_dir`` that already
         holds a checkpoint is refused (``FileExistsError``), never overwritten. With
         ``checkpoint_dir`` set, SIGTERM or SIGUSR1 (to any one process of a multi-process run)
-        make every process stop at the same step, at most 2 steps later (or at the epoch's end),
-        write one checkpoint and exit with ``PREEMPTED_EXIT_CODE`` (75).
+        make every process stop at the same step, at most 2 dispatches later (2 x
+        ``settings.steps_per_dispatch`` steps; 2 steps for a dataset read batch by batch) or at
+        the epoch's end, write one checkpoint and exit with ``PREEMPTED_EXIT_CODE`` (75).
 
     Returns
     -------

@@ -1,9 +1,10 @@
 """Preemption: SIGTERM/SIGUSR1 make every process checkpoint at the same step and exit.
 
-A stop request travels with a step's gradient all-reduce (the step sums one flag per device), and
-each step's sum is read ``STOP_LAG`` steps later, so reading it never stalls the device queue;
-the checkpoint is therefore written at most ``STOP_LAG`` steps (or one epoch end) after the
-signal. Every process reads the same sums at the same step, so all of them stop together.
+A stop request travels with a dispatch (a step read batch by batch sums one flag per device in its
+gradient all-reduce; a dispatch of ``steps_per_dispatch`` steps sums them once), and each sum is
+read ``STOP_LAG`` dispatches later, so reading it never stalls the device queue; the checkpoint
+is therefore written at most ``STOP_LAG`` dispatches (or one epoch end) after the signal. Every
+process reads the same sums at the same step, so all of them stop together.
 """
 
 from __future__ import annotations
