@@ -155,7 +155,9 @@ class ResidentFeed:
 
 
 class StreamedFeed:
-    """Per group, one buffer of the whole chunks its batches touch, read ahead on a thread."""
+    """Buffers of whole chunks (up to ``BUFFER_WINDOWS`` shuffle windows), each shared by the
+    dispatch groups whose chunks it holds, read ahead on a thread. The epoch's row layout is
+    planned up front (8 bytes per cell of the epoch) to size the buffers."""
 
     mode = "streamed"
 
