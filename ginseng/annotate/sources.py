@@ -166,16 +166,17 @@ class AnnDataSource:
             return np.zeros(0, dtype=str)
         return np.asarray(self._input_barcodes(int(rows[0]), int(rows[-1]) + 1))[rows - rows[0]]
 
+    def _obs_column(self, key: str, what: str) -> np.ndarray:
+        """An obs column's values, refused by name (``what``: the argument) when it is absent."""
+        obs = self.adata.obs
+        if key not in obs.columns:
+            msg = f"{what} {key!r} is not a column of adata.obs; available columns: {list(map(str, obs.columns))}"
+            raise ValueError(msg)
+        return np.asarray(obs[key])
+
     def truth(self, truth_key: str) -> tuple[np.ndarray, list[str]]:
         """(code of every annotated cell, the true labels) from an obs column."""
-        obs = self.adata.obs
-        if truth_key not in obs.columns:
-            msg = (
-                f"truth_key {truth_key!r} is not a column of adata.obs; "
-                f"available columns: {list(map(str, obs.columns))}"
-            )
-            raise ValueError(msg)
-        truth = np.asarray(obs[truth_key])
+        truth = self._obs_column(truth_key, "truth_key")
         if self.cells is not None:  # only the labels of the cells annotated are reported
             truth = truth[self.cells]
         cat = pd.Categorical(truth.astype(str))
@@ -185,14 +186,7 @@ class AnnDataSource:
         """The cluster code of every annotated cell (-1: missing) from an obs column, or from an
         array of one cluster label per row of the input."""
         if isinstance(over_clustering, str):
-            obs = self.adata.obs
-            if over_clustering not in obs.columns:
-                msg = (
-                    f"over_clustering {over_clustering!r} is not a column of adata.obs; "
-                    f"available columns: {list(map(str, obs.columns))}"
-                )
-                raise ValueError(msg)
-            values = np.asarray(obs[over_clustering])
+            values = self._obs_column(over_clustering, "over_clustering")
         else:
             values = np.asarray(over_clustering)
             if values.ndim != 1 or len(values) != self.n_obs:
