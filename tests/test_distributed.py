@@ -168,3 +168,22 @@ def test_auto_mode_detection(monkeypatch):
     assert distributed._detect_mode() == "slurm"
     monkeypatch.setenv("GINSENG_NUM_PROCESSES", "2")
     assert distributed._detect_mode() == "local"
+
+
+def test_two_processes_streamed_equals_resident_to_every_bit(store, tmp_path):
+    """Under jax.distributed every process reads the same streamed buffers and sends its own
+    slots' rows: the model is the resident mode's, to every bit."""
+    params = {}
+    for mode in ("resident", "streamed"):
+        out = tmp_path / f"{mode}.npz"
+        procs = _start(store, out, 1, extra=("--device-data", mode, "--steps-per-dispatch", "3"))
+        try:
+            for p in procs:
+                text, _ = p.communicate(timeout=240)
+                assert p.returncode == 0, f"worker exited {p.returncode}:\n{text[-3000:]}"
+        finally:
+            kill_all(procs, timeout=10)
+        params[mode] = dict(np.load(out))
+    assert params["resident"].keys() == params["streamed"].keys()
+    for k, v in params["resident"].items():
+        np.testing.assert_array_equal(v, params["streamed"][k])
