@@ -136,13 +136,13 @@ def test_crash_and_resume_is_bit_identical(store, small_windows, monkeypatch, tm
     settings = {"device_data": mode, "steps_per_dispatch": 4, "checkpoint_dir": str(tmp_path / "ck"), "checkpoint_every": 3}
     real, calls = loop._dispatch, []
 
-    def crashing(*args):
+    def crashing(*args, **kwargs):
         calls.append(1)
         # 11 batches an epoch: epoch 0 in 4 dispatches (0-2, 3-5, 6-8, 9-10), epoch 1's 0-2 and
         # 3-5 checkpointed at step 11 + 6 = 17; the 7th dispatch crashes mid-epoch
         if len(calls) == 7:
             raise KeyboardInterrupt
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(loop, "_dispatch", crashing)
     with pytest.raises(KeyboardInterrupt):

@@ -148,10 +148,7 @@ class BatchStream:
         # (no heap fragmentation across threads). A slot is rewritten only after its batch has
         # been consumed: at most depth (queue) + 1 (being read) + 2 (dispatched, pending) live.
         self.depth = 2
-        # Sparse inputs travel as their kept entries and are densified on the devices (one
-        # process: every process would need the same segment sizes).
         self.local_devices = lay.local_devices
-        self.compact = self.n_proc == 1
         self.ring = [np.zeros((self.local_rows, n_model_genes), np.float32) for _ in range(self.depth + 4)]
 
     def _compact(self, entries) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -169,13 +166,13 @@ class BatchStream:
         out[0][pos], out[1][pos], out[2][pos] = r - dev * per, c, v
         return tuple(out)
 
-    def _produce(self, source, i: int):
+    def _produce(self, source, compact: bool, i: int):
         # Rows of this process in global batch i: [g0 + proc*local_rows, ... + local_rows).
         g0, rows = i * self.global_batch, self.local_rows
         a = min(g0 + self.proc * rows, self.n_cells)
         b = min(a + rows, self.n_cells)
         x = None
-        if self.compact:
+        if compact:
             entries = source.read_compact(a, b) if hasattr(source, "read_compact") else None
             x = None if entries is None else self._compact(entries)
         if x is None:
@@ -204,9 +201,11 @@ class BatchStream:
 
         ``fwd``: the dense forward, or (dense, compact) to send sparse batches as entries."""
         fwd, fwd_compact = fwd if isinstance(fwd, tuple) else (fwd, None)
-        self.compact = self.compact and fwd_compact is not None
+        # Sparse inputs travel as their kept entries and are densified on the devices (one
+        # process: every process would need the same segment sizes).
+        compact = self.n_proc == 1 and fwd_compact is not None
         prefetch = background(
-            lambda: map(functools.partial(self._produce, source), range(self.n_batches)),
+            lambda: map(functools.partial(self._produce, source, compact), range(self.n_batches)),
             depth=self.depth, name="ginseng-annotate",
         )
         try:

@@ -124,21 +124,25 @@ class AnnDataSource:
         if not sp.issparse(blk):
             _place_dense(g, np.asarray(blk), out, n)
             return out[:n]
+        blk = self._mapped(blk)
+        blk.toarray(out=out[:n])  # out is zeroed above: toarray accumulates into it
+        return out[:n]
+
+    def _mapped(self, blk) -> sp.csr_matrix:
+        """A sparse block as float32 CSR over the model's genes in model order (unused input
+        genes dropped); scipy's C loops then densify it, adding duplicates as a sum should."""
+        g, n = self.gmap, blk.shape[0]
         blk = sp.csr_matrix(blk)
         if blk.dtype != np.float32:  # integer counts: toarray needs a matching out dtype
             blk = blk.astype(np.float32)
-        if not g.identity:
-            # Re-index columns into the model's gene order (dropping unused genes) and let
-            # scipy's C loop densify; it adds duplicates, as a sum of entries should.
-            cols = self.colmap[blk.indices]
-            keep = cols >= 0
-            if keep.all():
-                blk = sp.csr_matrix((blk.data, cols, blk.indptr), shape=(n, g.n_model))
-            else:
-                kept = np.concatenate([[0], np.cumsum(keep, dtype=np.int64)])
-                blk = sp.csr_matrix((blk.data[keep], cols[keep], kept[blk.indptr]), shape=(n, g.n_model))
-        blk.toarray(out=out[:n])  # out is zeroed above: toarray accumulates into it
-        return out[:n]
+        if g.identity:
+            return blk
+        cols = self.colmap[blk.indices]
+        keep = cols >= 0
+        if keep.all():
+            return sp.csr_matrix((blk.data, cols, blk.indptr), shape=(n, g.n_model))
+        kept = np.concatenate([[0], np.cumsum(keep, dtype=np.int64)])
+        return sp.csr_matrix((blk.data[keep], cols[keep], kept[blk.indptr]), shape=(n, g.n_model))
 
     def read_compact(self, a: int, b: int):
         """Positions [a, b) as their non-zero model-gene entries ``(rows, cols, vals)`` (rows
@@ -148,11 +152,9 @@ class AnnDataSource:
         blk = self._rows(a, b)
         if not sp.issparse(blk):
             return None
-        blk = sp.csr_matrix(blk)
-        cols = self.colmap[blk.indices]
-        keep = cols >= 0
+        blk = self._mapped(blk)
         rows = np.repeat(np.arange(b - a, dtype=np.int32), np.diff(blk.indptr))
-        return rows[keep], cols[keep].astype(np.int32), blk.data[keep].astype(np.float32)
+        return rows, blk.indices.astype(np.int32), blk.data
 
     def _input_barcodes(self, a: int, b: int) -> np.ndarray:
         return np.asarray(self.adata.obs_names[a:b]).astype(str)

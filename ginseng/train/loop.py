@@ -9,6 +9,7 @@ arguments, nothing reads loop variables from an enclosing scope.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from dataclasses import dataclass
@@ -63,7 +64,7 @@ class _Run:
     train_loader: Any
     holdout_loader: Any
     reference_loader: Any  # the cells whose confidences the model keeps (holdout, else training)
-    train_step: Any
+    train_step: Any  # without a feed: one step per host batch
     eval_step: Any
     feed: Any  # resident or streamed device data (None: the host loader, batch by batch)
     multi_step: Any  # steps_per_dispatch train steps per dispatch, drawn from the feed's buffer
@@ -163,8 +164,8 @@ def _set_up(dataset, settings, epochs, devices, stop: StopSignal, silent: bool) 
     return _Run(
         settings=settings, epochs=epochs, dataset=dataset, mesh=mesh, layout=lay,
         train_loader=train_loader, holdout_loader=holdout_loader, reference_loader=reference_loader,
-        train_step=build_train_step(settings, mesh, total_steps, stop_flag=watching),
-        eval_step=build_eval_step(settings, mesh), feed=feed,
+        train_step=None if feed else build_train_step(settings, mesh, total_steps, stop_flag=watching),
+        eval_step=None if feed else build_eval_step(settings, mesh), feed=feed,
         multi_step=build_multi_step(settings, mesh, total_steps, stop_flag=watching) if feed else None,
         multi_eval=build_multi_eval_step(settings, mesh) if feed else None,
         checkpointer=checkpointer,
@@ -221,7 +222,7 @@ def _restore_logger(logger: GinsengLogger, history: dict) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _step(run: _Run, state: TrainState, batch) -> tuple[TrainState, bool]:
+def _step(run: _Run, state: TrainState, *, batch) -> tuple[TrainState, bool]:
     """One train step; also whether a stop request (read ``STOP_LAG`` steps late) has arrived."""
     x, y, slot, mask = global_arrays(batch, run.mesh, run.train_loader.global_batch)
     params, opt_state, metrics = state.params, state.opt_state, state.metrics
@@ -234,7 +235,7 @@ def _step(run: _Run, state: TrainState, batch) -> tuple[TrainState, bool]:
     return TrainState(*out, state.key), run.watch.record(stop_count)
 
 
-def _dispatch(run: _Run, state: TrainState, X, labels, rows) -> tuple[TrainState, bool]:
+def _dispatch(run: _Run, state: TrainState, *, X, labels, rows) -> tuple[TrainState, bool]:
     """One dispatch of ``steps_per_dispatch`` steps; also whether a stop request has arrived."""
     params, opt_state, metrics = state.params, state.opt_state, state.metrics
     if run.watch is None:
@@ -244,17 +245,30 @@ def _dispatch(run: _Run, state: TrainState, X, labels, rows) -> tuple[TrainState
     return TrainState(*out, state.key), run.watch.record(stop_count)
 
 
-def _train_epoch_fed(run: _Run, state: TrainState, logger, epoch: int, first: int) -> TrainState:
-    """``_train_epoch`` with device data: ``steps_per_dispatch`` steps per dispatch, groups cut
-    at every checkpoint position, stop requests read once per dispatch."""
-    loader, every, k = run.train_loader, run.settings.checkpoint_every, run.settings.steps_per_dispatch
-    groups = dispatch_groups(loader.num_batches, first, k, every)
+def _dispatches(run: _Run, epoch: int, first: int):
+    """The epoch's work from batch ``first``: ``(batches, run_it)`` pairs, ``run_it(state) ->
+    (state, stop requested)``. With device data, ``steps_per_dispatch`` batches a dispatch, groups
+    cut at every checkpoint position; otherwise the host loader's batches, one at a time."""
+    loader = run.train_loader
+    if run.feed is None:
+        for i, batch in enumerate(loader.epoch(epoch, start_batch=first), start=first):
+            yield range(i, i + 1), functools.partial(_step, run, batch=batch)
+        return
+    k = run.settings.steps_per_dispatch
+    groups = dispatch_groups(loader.num_batches, first, k, run.settings.checkpoint_every)
+    for g, (X, labels, rows) in zip(groups, run.feed.groups(loader, epoch, groups, k), strict=True):
+        yield g, functools.partial(_dispatch, run, X=X, labels=labels, rows=rows)
+
+
+def _train_epoch(run: _Run, state: TrainState, logger, epoch: int, first: int) -> TrainState:
+    """Train the batches ``first ..`` of ``epoch``; checkpoint every ``checkpoint_every`` steps."""
+    loader, every = run.train_loader, run.settings.checkpoint_every
     with tqdm(
         total=loader.num_batches, initial=first, desc=f"[ginseng] epoch {epoch + 1}/{run.epochs}",
         unit="step", disable=bar_disabled(not run.verbose, loader.num_batches),
     ) as bar:
-        for g, (X, labels, rows) in zip(groups, run.feed.groups(loader, epoch, groups, k), strict=True):
-            state, stop_now = _dispatch(run, state, X, labels, rows)
+        for g, run_it in _dispatches(run, epoch, first):
+            state, stop_now = run_it(state)
             bar.update(len(g))
             if run.verbose and g.stop // _PROGRESS_EVERY > g.start // _PROGRESS_EVERY:
                 total, count = to_host(state.metrics)
@@ -263,28 +277,6 @@ def _train_epoch_fed(run: _Run, state: TrainState, logger, epoch: int, first: in
                 _preempt(run, state, logger, epoch, g.stop)
             if every and g.stop % every == 0 and run.checkpointer is not None:
                 run.checkpointer.save(state, logger, epoch, g.stop)
-    return state
-
-
-def _train_epoch(run: _Run, state: TrainState, logger, epoch: int, first: int) -> TrainState:
-    """Train the batches ``first ..`` of ``epoch``; checkpoint every ``checkpoint_every`` steps."""
-    if run.feed is not None:
-        return _train_epoch_fed(run, state, logger, epoch, first)
-    loader, every = run.train_loader, run.settings.checkpoint_every
-    with tqdm(
-        total=loader.num_batches, initial=first, desc=f"[ginseng] epoch {epoch + 1}/{run.epochs}",
-        unit="step", disable=bar_disabled(not run.verbose, loader.num_batches),
-    ) as bar:
-        for i, batch in enumerate(loader.epoch(epoch, start_batch=first), start=first):
-            state, stop_now = _step(run, state, batch)
-            bar.update(1)
-            if run.verbose and (i + 1) % _PROGRESS_EVERY == 0:
-                total, count = to_host(state.metrics)
-                bar.set_postfix(loss=f"{total / max(count, 1.0):.4f}")
-            if stop_now:
-                _preempt(run, state, logger, epoch, i + 1)
-            if every and (i + 1) % every == 0 and run.checkpointer is not None:
-                run.checkpointer.save(state, logger, epoch, i + 1)
     return state
 
 

@@ -256,13 +256,18 @@ def _stop_sum(mesh: Mesh):
                                  out_specs=P(), check_vma=not single))
 
 
+def _eval_logits(s: GinsengTrainerSettings, params, x, mask):
+    """The model's logits without dropout; padding rows (mask False) become zero counts."""
+    x = jnp.where(mask[:, None], x.astype(jnp.float32), 0.0)
+    return nn_annotate(
+        params, jax.random.key(0), x, dropout_rate=s.dropout_rate, normalize=s.normalize,
+        target_sum=s.target_sum, training=False,
+    )
+
+
 def _local_eval(s: GinsengTrainerSettings, psum):
     def local(params, x, y, mask):
-        x = jnp.where(mask[:, None], x.astype(jnp.float32), 0.0)
-        logits = nn_annotate(
-            params, jax.random.key(0), x, dropout_rate=s.dropout_rate, normalize=s.normalize,
-            target_sum=s.target_sum, training=False,
-        )
+        logits = _eval_logits(s, params, x, mask)
         losses = _cross_entropy(logits, y)
         loss_sum = jnp.sum(jnp.where(mask, losses, 0.0))
         correct = jnp.sum(jnp.where(mask, jnp.argmax(logits, axis=-1) == y, False).astype(jnp.float32))
@@ -339,12 +344,7 @@ def _cached_confidence_step(key: tuple, mesh: Mesh):
     single, psum = all_sum(mesh)
 
     def local_step(params, counts, x, mask):
-        x = jnp.where(mask[:, None], x.astype(jnp.float32), 0.0)
-        logits = nn_annotate(
-            params, jax.random.key(0), x, dropout_rate=s.dropout_rate, normalize=s.normalize,
-            target_sum=s.target_sum, training=False,
-        )
-        conf = jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1)
+        conf = jnp.max(jax.nn.softmax(_eval_logits(s, params, x, mask), axis=-1), axis=-1)
         bins = jnp.clip(jnp.floor(conf * CONFIDENCE_BINS).astype(jnp.int32), 0, CONFIDENCE_BINS - 1)
         local = jnp.zeros(CONFIDENCE_BINS, jnp.int32).at[bins].add(mask.astype(jnp.int32))
         return counts + psum(local)
